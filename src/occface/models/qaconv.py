@@ -1,0 +1,238 @@
+"""QAConv matching of two sets of face feature maps, optionally weighted by visibility maps.
+
+Score semantics follow QAConv (Liao & Shao, ECCV 2020; reference ``qaconv.py`` v1.2):
+
+1. Each feature map ``[C, H, W]`` is L2-normalised per location, giving ``HW`` unit vectors.
+2. For a probe ``p`` and a gallery face ``g`` the correlation of every probe location ``i`` with
+   every gallery location ``j`` is ``S[i, j] = <f_p[i], f_g[j]>``.
+3. Occlusion weighting (the spec's "scaling" method): ``S[i, j] *= O_p[i] * O_g[j]`` before any
+   pooling, so only visible-to-visible evidence counts. Because the weight factorises over
+   ``i`` and ``j`` it is applied by scaling the normalised features, at no extra cost.
+4. Max pooling both ways: for each gallery location the max over probe locations, and for each
+   probe location the max over gallery locations; concatenated as
+   ``[gallery-location maxima (HW), probe-location maxima (HW)]``.
+5. ``bn`` (BatchNorm1d(1) over all 2HW values) -> ``fc`` (Linear(2HW, 1)) -> ``logit_bn``
+   (BatchNorm1d(1)) gives one logit per pair: a ``[P, G]`` matrix.
+
+``forward`` is differentiable and meant for training batches; ``score_all`` scores large sets in
+memory-bounded blocks under inference mode and equals ``forward`` in eval mode.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GalleryChunk = Union[torch.Tensor, tuple[torch.Tensor, Union[torch.Tensor, None]]]
+
+# On CPU a score block of about 2M elements (8 MB in fp32) stays in cache while it is reduced,
+# which keeps the matmul near peak; larger blocks spill to memory and run 20-30% slower.
+CPU_BLOCK_ELEMENTS = 1 << 21
+
+
+class QAConv(nn.Module):
+    """Query-adaptive convolution matcher.
+
+    Args:
+        num_features: channels C of the feature maps.
+        height, width: spatial size H, W of the feature maps (7x7 at block 4, 14x14 at block 3).
+    """
+
+    def __init__(self, num_features: int, height: int, width: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.height = height
+        self.width = width
+        self.bn = nn.BatchNorm1d(1)
+        self.fc = nn.Linear(2 * height * width, 1)
+        self.logit_bn = nn.BatchNorm1d(1)
+        self.reset_parameters()
+
+    @property
+    def num_locations(self) -> int:
+        return self.height * self.width
+
+    def reset_running_stats(self) -> None:
+        self.bn.reset_running_stats()
+        self.logit_bn.reset_running_stats()
+
+    def reset_parameters(self) -> None:
+        """BatchNorms to identity; ``fc`` to the plain mean of the 2HW maxima (weight 1/2HW, bias 0),
+        so an untrained matcher scores pairs by their average best-match similarity."""
+        self.bn.reset_parameters()
+        self.logit_bn.reset_parameters()
+        with torch.no_grad():
+            self.fc.weight.fill_(1.0 / (2 * self.num_locations))
+            self.fc.bias.zero_()
+
+    # ------------------------------------------------------------------ training / small sets
+    def forward(
+        self,
+        probe: torch.Tensor,
+        gallery: torch.Tensor,
+        probe_occ: torch.Tensor | None = None,
+        gallery_occ: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Score every probe against every gallery face.
+
+        Args:
+            probe: [P, C, H, W] feature maps.  gallery: [G, C, H, W] feature maps.
+            probe_occ / gallery_occ: [P or G, 1, H, W] visibility maps (1 = visible), clamped to
+                [0, 1]; ``None`` means fully visible.
+        Returns:
+            [P, G] logits (higher = more likely the same identity).
+        """
+        a = self.prepare(probe, probe_occ, "probe")
+        b = self.prepare(gallery, gallery_occ, "gallery")
+        maxima = self.location_maxima(a, b)  # [P, G, 2HW]
+        num_probe, num_gallery = maxima.shape[:2]
+        scores = self.bn(maxima.reshape(-1, 1, 2 * self.num_locations)).view(-1, 2 * self.num_locations)
+        scores = self.logit_bn(self.fc(scores))
+        return scores.view(num_probe, num_gallery)
+
+    def prepare(self, features: torch.Tensor, occ: torch.Tensor | None, name: str = "features") -> torch.Tensor:
+        """Normalise per location, apply the visibility weights and lay out as [B, HW, C]."""
+        self._check_features(features, name)
+        x = F.normalize(features.float(), dim=1)
+        if occ is not None:
+            x = x * self._check_occ(occ, features, name)
+        return x.flatten(2).transpose(1, 2).contiguous()
+
+    def location_maxima(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Prepared probe [P, HW, C] and gallery [G, HW, C] -> [P, G, 2HW] location maxima,
+        gallery-location maxima first."""
+        num_probe, hw, channels = a.shape
+        num_gallery = b.shape[0]
+        corr = (a.reshape(-1, channels) @ b.reshape(-1, channels).T).view(num_probe, hw, num_gallery, hw)
+        gallery_maxima = corr.amax(dim=1)  # [P, G, HW]: best probe location for each gallery location
+        probe_maxima = corr.amax(dim=3).transpose(1, 2)  # [P, G, HW]: best gallery location per probe location
+        return torch.cat((gallery_maxima, probe_maxima), dim=2)
+
+    # ------------------------------------------------------------------ large sets
+    @torch.inference_mode()
+    def score_all(
+        self,
+        probe: torch.Tensor,
+        gallery: torch.Tensor | Iterable[GalleryChunk],
+        probe_occ: torch.Tensor | None = None,
+        gallery_occ: torch.Tensor | None = None,
+        *,
+        memory_budget_mb: float = 512.0,
+        block_elements: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Score large sets in blocks, never holding more than one block of correlations.
+
+        Always scores with the BatchNorms' running statistics, as ``forward`` does in eval mode.
+
+        Args:
+            probe: [P, C, H, W]; probe_occ: [P, 1, H, W] or None.
+            gallery: [G, C, H, W] (with gallery_occ [G, 1, H, W] or None), or an iterable of
+                chunks, each a [g, C, H, W] tensor or a (features, occ-or-None) pair, so a
+                gallery too large for memory can be streamed from disk.
+            memory_budget_mb: bound on the working memory of one correlation block.
+            block_elements: correlation elements per block; default: cache-sized on CPU
+                (``CPU_BLOCK_ELEMENTS``), as large as the budget allows on GPU.
+            device: where to compute (default: the probe's device). Inputs may live elsewhere,
+                e.g. a CPU or fp16 gallery scored on a GPU; each chunk is moved when needed.
+            dtype: matmul dtype (default float32; float16/bfloat16 are for GPUs). Maxima and the
+                score head are always computed in float32.
+            progress: show a progress bar over gallery chunks.
+        Returns:
+            [P, G] float32 logits on ``device``.
+        """
+        device = torch.device(device) if device is not None else probe.device
+        dtype = dtype or torch.float32
+        if dtype != torch.float32 and device.type == "cpu":
+            raise ValueError(f"score_all: {dtype} matmuls are for GPUs; on CPU use float32 (it is much faster there)")
+        hw = self.num_locations
+        weight, bias = self._eval_affine()
+        weight, bias = weight.to(device), bias.to(device)
+
+        a = self.prepare(probe.to(device), None if probe_occ is None else probe_occ.to(device), "probe").to(dtype)
+        num_probe = a.shape[0]
+        budget_elements = int(memory_budget_mb * 2**20) // (2 * torch.finfo(dtype).bits // 8 + 4)
+        if block_elements is None:
+            block_elements = CPU_BLOCK_ELEMENTS if device.type == "cpu" else budget_elements
+        block_elements = max(hw * hw, min(block_elements, budget_elements))
+        probe_step = min(num_probe, max(1, math.isqrt(block_elements) // hw))
+        gallery_step = max(1, block_elements // (probe_step * hw * hw))
+
+        chunks = self._gallery_chunks(gallery, gallery_occ, gallery_step)
+        if progress:
+            from tqdm.auto import tqdm
+
+            total = math.ceil(gallery.shape[0] / gallery_step) if isinstance(gallery, torch.Tensor) else None
+            chunks = tqdm(chunks, total=total, desc="QAConv scoring", unit="chunk")
+        columns = []
+        for features, occ in chunks:
+            b = self.prepare(features.to(device), None if occ is None else occ.to(device), "gallery").to(dtype)
+            column = torch.empty(num_probe, b.shape[0], device=device)
+            for start in range(0, num_probe, probe_step):
+                maxima = self.location_maxima(a[start : start + probe_step], b).float()
+                column[start : start + probe_step] = maxima @ weight + bias
+            columns.append(column)
+        if not columns:
+            return torch.empty(num_probe, 0, device=device)
+        return torch.cat(columns, dim=1)
+
+    def _eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """In eval mode bn -> fc -> logit_bn is affine in the 2HW maxima: return (weight [2HW], bias [])."""
+
+        def scale_shift(bn: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
+            if bn.running_mean is None or bn.running_var is None:
+                raise RuntimeError("QAConv.score_all needs BatchNorm running statistics (track_running_stats=True)")
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            if bn.affine:
+                scale = scale * bn.weight
+            shift = -bn.running_mean * scale + (bn.bias if bn.affine else 0.0)
+            return scale.float().squeeze(), shift.float().squeeze()
+
+        in_scale, in_shift = scale_shift(self.bn)
+        out_scale, out_shift = scale_shift(self.logit_bn)
+        fc_weight = self.fc.weight.float().squeeze(0)
+        weight = out_scale * in_scale * fc_weight
+        bias = out_scale * (in_shift * fc_weight.sum() + self.fc.bias.float().squeeze()) + out_shift
+        return weight.detach(), bias.detach()
+
+    def _gallery_chunks(
+        self, gallery: torch.Tensor | Iterable[GalleryChunk], gallery_occ: torch.Tensor | None, step: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        if isinstance(gallery, torch.Tensor):
+            if gallery_occ is not None and gallery_occ.shape[0] != gallery.shape[0]:
+                raise ValueError(
+                    f"gallery_occ has {gallery_occ.shape[0]} maps for {gallery.shape[0]} gallery feature maps"
+                )
+            source: Iterable[GalleryChunk] = [(gallery, gallery_occ)]
+        elif gallery_occ is not None:
+            raise ValueError("pass gallery occlusion maps inside the chunks when the gallery is an iterable")
+        else:
+            source = gallery
+        for chunk in source:
+            features, occ = chunk if isinstance(chunk, tuple) else (chunk, None)
+            for start in range(0, features.shape[0], step):
+                yield features[start : start + step], None if occ is None else occ[start : start + step]
+
+    # ------------------------------------------------------------------ input checks
+    def _check_features(self, features: torch.Tensor, name: str) -> None:
+        expected = (self.num_features, self.height, self.width)
+        if features.dim() != 4 or tuple(features.shape[1:]) != expected:
+            raise ValueError(
+                f"QAConv {name} features must be [B, {self.num_features}, {self.height}, {self.width}], "
+                f"got {list(features.shape)}"
+            )
+
+    def _check_occ(self, occ: torch.Tensor, features: torch.Tensor, name: str) -> torch.Tensor:
+        expected = [features.shape[0], 1, self.height, self.width]
+        if list(occ.shape) != expected:
+            raise ValueError(
+                f"QAConv {name}_occ must be {expected} (one map per face at the feature map's resolution; "
+                f"resize ground-truth masks with occface's mask downsampling first), got {list(occ.shape)}"
+            )
+        return occ.to(device=features.device, dtype=torch.float32).clamp(0.0, 1.0)
