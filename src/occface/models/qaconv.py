@@ -29,9 +29,17 @@ from torch import nn
 
 GalleryChunk = Union[torch.Tensor, tuple[torch.Tensor, Union[torch.Tensor, None]]]
 
-# On CPU a score block of about 2M elements (8 MB in fp32) stays in cache while it is reduced,
+# On CPU a correlation block of about 1M elements (4 MB in fp32) stays in cache while it is reduced,
 # which keeps the matmul near peak; larger blocks spill to memory and run 20-30% slower.
-CPU_BLOCK_ELEMENTS = 1 << 21
+CPU_BLOCK_ELEMENTS = 1 << 20
+
+
+def _aligned(count: int, hw: int) -> int:
+    """Round a chunk's face count down so that count * HW is a multiple of 16 where possible:
+    matmuls with such row counts run 10-30% faster on CPU (e.g. 8x8 faces at 14x14: 180 GFLOP/s,
+    7x7 faces: 127 GFLOP/s on a 2-core EPYC)."""
+    multiple = 16 // math.gcd(hw, 16)
+    return max(1, count - count % multiple if count >= multiple else count)
 
 
 class QAConv(nn.Module):
@@ -94,23 +102,49 @@ class QAConv(nn.Module):
         scores = self.logit_bn(self.fc(scores))
         return scores.view(num_probe, num_gallery)
 
-    def prepare(self, features: torch.Tensor, occ: torch.Tensor | None, name: str = "features") -> torch.Tensor:
-        """Normalise per location, apply the visibility weights and lay out as [B, HW, C]."""
+    def prepare(
+        self,
+        features: torch.Tensor,
+        occ: torch.Tensor | None = None,
+        name: str = "features",
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Normalise [B, C, H, W] features per location, apply the visibility weights and lay them
+        out as [B, HW, C]. With ``out`` (a flat buffer of at least B*HW*C elements, any dtype) the
+        result is written there in place, without temporaries; otherwise it is differentiable."""
         self._check_features(features, name)
-        x = F.normalize(features.float(), dim=1)
-        if occ is not None:
-            x = x * self._check_occ(occ, features, name)
-        return x.flatten(2).transpose(1, 2).contiguous()
+        weights = None if occ is None else self._check_occ(occ, features, name)
+        if out is None:
+            x = F.normalize(features.float(), dim=1)
+            if weights is not None:
+                x = x * weights
+            return x.flatten(2).transpose(1, 2).contiguous()
+        num, channels = features.shape[:2]
+        x = out[: num * self.num_locations * channels].view(num, self.num_locations, channels)
+        x.copy_(features.flatten(2).transpose(1, 2))
+        scale = torch.linalg.vector_norm(features, dim=1, keepdim=True, dtype=torch.float32)
+        scale = scale.clamp_min_(1e-12).reciprocal_()
+        if weights is not None:
+            scale.mul_(weights)
+        return x.mul_(scale.flatten(2).transpose(1, 2).to(x.dtype))
+
+    def correlations(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Prepared probe [P, HW, C] and gallery [G, HW, C] -> correlations [P, HW, G, HW]
+        (probe location on dim 1, gallery location on dim 3), written into the flat ``out`` if given."""
+        num_probe, hw, channels = a.shape
+        a2, b2 = a.reshape(-1, channels), b.reshape(-1, channels)
+        if out is None:
+            corr = a2 @ b2.T
+        else:
+            corr = torch.matmul(a2, b2.T, out=out[: a2.shape[0] * b2.shape[0]].view(a2.shape[0], b2.shape[0]))
+        return corr.view(num_probe, hw, b.shape[0], hw)
 
     def location_maxima(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Prepared probe [P, HW, C] and gallery [G, HW, C] -> [P, G, 2HW] location maxima,
-        gallery-location maxima first."""
-        num_probe, hw, channels = a.shape
-        num_gallery = b.shape[0]
-        corr = (a.reshape(-1, channels) @ b.reshape(-1, channels).T).view(num_probe, hw, num_gallery, hw)
-        gallery_maxima = corr.amax(dim=1)  # [P, G, HW]: best probe location for each gallery location
-        probe_maxima = corr.amax(dim=3).transpose(1, 2)  # [P, G, HW]: best gallery location per probe location
-        return torch.cat((gallery_maxima, probe_maxima), dim=2)
+        """Prepared probe [P, HW, C] and gallery [G, HW, C] -> [P, G, 2HW] location maxima:
+        for each gallery location the best probe location, then for each probe location the best
+        gallery location."""
+        corr = self.correlations(a, b)
+        return torch.cat((corr.amax(dim=1), corr.amax(dim=3).transpose(1, 2)), dim=2)
 
     # ------------------------------------------------------------------ large sets
     @torch.inference_mode()
@@ -151,36 +185,54 @@ class QAConv(nn.Module):
         dtype = dtype or torch.float32
         if dtype != torch.float32 and device.type == "cpu":
             raise ValueError(f"score_all: {dtype} matmuls are for GPUs; on CPU use float32 (it is much faster there)")
-        hw = self.num_locations
-        weight, bias = self._eval_affine()
-        weight, bias = weight.to(device), bias.to(device)
+        hw, channels = self.num_locations, self.num_features
+        weight, bias = (t.to(device) for t in self._eval_affine())
+        gallery_weight, probe_weight = weight[:hw], weight[hw:]
 
-        a = self.prepare(probe.to(device), None if probe_occ is None else probe_occ.to(device), "probe").to(dtype)
-        num_probe = a.shape[0]
-        budget_elements = int(memory_budget_mb * 2**20) // (2 * torch.finfo(dtype).bits // 8 + 4)
+        probe = probe.to(device)
+        probe_occ = None if probe_occ is None else probe_occ.to(device)
+        num_probe = probe.shape[0]
+        element_bytes = torch.finfo(dtype).bits // 8
+        budget_elements = int(memory_budget_mb * 2**20) // element_bytes
         if block_elements is None:
             block_elements = CPU_BLOCK_ELEMENTS if device.type == "cpu" else budget_elements
         block_elements = max(hw * hw, min(block_elements, budget_elements))
-        probe_step = min(num_probe, max(1, math.isqrt(block_elements) // hw))
-        gallery_step = max(1, block_elements // (probe_step * hw * hw))
+        probe_step = min(num_probe, _aligned(math.isqrt(block_elements) // hw, hw))
+        gallery_step = _aligned(block_elements // (probe_step * hw * hw), hw)
 
+        # Every large tensor is allocated once, up front: on CPU, repeated large allocations
+        # interleaved with small ones fragment the heap and the resident set keeps growing.
+        a = self.prepare(
+            probe, probe_occ, "probe", out=torch.empty(num_probe * hw * channels, device=device, dtype=dtype)
+        )
+        gallery_buffer = torch.empty(gallery_step * hw * channels, device=device, dtype=dtype)
+        corr_buffer = torch.empty(probe_step * gallery_step * hw * hw, device=device, dtype=dtype)
+        total = gallery.shape[0] if isinstance(gallery, torch.Tensor) else None
+        scores = torch.empty(num_probe, total, device=device) if total is not None else None
+        columns: list[torch.Tensor] = []
+        done = 0
         chunks = self._gallery_chunks(gallery, gallery_occ, gallery_step)
         if progress:
             from tqdm.auto import tqdm
 
-            total = math.ceil(gallery.shape[0] / gallery_step) if isinstance(gallery, torch.Tensor) else None
-            chunks = tqdm(chunks, total=total, desc="QAConv scoring", unit="chunk")
-        columns = []
+            chunks = tqdm(chunks, total=None if total is None else math.ceil(total / gallery_step),
+                          desc="QAConv scoring", unit="chunk")
         for features, occ in chunks:
-            b = self.prepare(features.to(device), None if occ is None else occ.to(device), "gallery").to(dtype)
-            column = torch.empty(num_probe, b.shape[0], device=device)
+            b = self.prepare(features.to(device), None if occ is None else occ.to(device), "gallery", gallery_buffer)
+            column = scores[:, done : done + b.shape[0]] if scores is not None else torch.empty(num_probe, b.shape[0], device=device)
             for start in range(0, num_probe, probe_step):
-                maxima = self.location_maxima(a[start : start + probe_step], b).float()
-                column[start : start + probe_step] = maxima @ weight + bias
-            columns.append(column)
-        if not columns:
-            return torch.empty(num_probe, 0, device=device)
-        return torch.cat(columns, dim=1)
+                corr = self.correlations(a[start : start + probe_step], b, corr_buffer)
+                column[start : start + probe_step] = (
+                    corr.amax(dim=1).float() @ gallery_weight
+                    + (probe_weight @ corr.amax(dim=3).float())
+                    + bias
+                )
+            if scores is None:
+                columns.append(column)
+            done += b.shape[0]
+        if scores is not None:
+            return scores
+        return torch.cat(columns, dim=1) if columns else torch.empty(num_probe, 0, device=device)
 
     def _eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """In eval mode bn -> fc -> logit_bn is affine in the 2HW maxima: return (weight [2HW], bias [])."""
