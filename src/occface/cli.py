@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from . import __version__
 
@@ -23,6 +24,44 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_data(args: argparse.Namespace) -> int:
+    from .data.tools import check_data
+
+    report = check_data(args.path, decode_limit=args.limit)
+    print("\n".join(report.lines()))
+    return 1 if report.problems else 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from .data.tools import synthesize_dataset
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    manifest, count, rate = synthesize_dataset(args.faces, args.out, args.occluders, kinds, args.per_face, args.seed)
+    print(f"wrote {count} occluded faces with masks ({rate:.0f} images/s): {manifest}")
+    return 0
+
+
+def _show_data(args: argparse.Namespace) -> int:
+    from .data.tools import contact_sheet
+
+    out = args.out or Path(args.path) / "contact_sheet.png"
+    print(contact_sheet(args.path, out, count=args.count, seed=args.seed))
+    return 0
+
+
+def _faces(args: argparse.Namespace) -> int:
+    import time
+
+    from .data.procedural import ProceduralFaces
+
+    faces = ProceduralFaces(args.identities, args.images, seed=args.seed)
+    start = time.perf_counter()
+    faces.write(args.out)
+    rate = args.identities * args.images / (time.perf_counter() - start)
+    print(f"wrote {args.identities} x {args.images} procedural faces ({rate:.0f} images/s) to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="occface", description=__doc__)
     parser.add_argument("--version", action="version", version=f"occface {__version__}")
@@ -30,6 +69,34 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="versions, device and the backbone architectures")
     info.set_defaults(run=_info)
+
+    check = commands.add_parser("check-data", help="validate a dataset and summarise it; exit 1 listing every problem")
+    check.add_argument("path", help="image folder, occlusion dataset (manifest.csv or kept_faces/masks), .rec or .bin")
+    check.add_argument("--limit", type=int, default=None, help="decode at most this many RecordIO/.bin images")
+    check.set_defaults(run=_check_data)
+
+    synth = commands.add_parser("synth", help="composite occluders onto aligned faces, with exact masks")
+    synth.add_argument("--faces", required=True, help="identity folder of aligned 112x112 faces")
+    synth.add_argument("--out", required=True, help="output directory (manifest layout)")
+    synth.add_argument("--occluders", default=None, help="directory of RGBA overlays (default: procedural occluders)")
+    synth.add_argument("--kinds", default="niqab,mask,sunglasses", help="comma-separated: niqab,mask,sunglasses,hand,bar")
+    synth.add_argument("--per-face", type=int, default=1, help="occluded copies per face")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(run=_synth)
+
+    show = commands.add_parser("show-data", help="contact sheet PNG of faces with their masks overlaid")
+    show.add_argument("path")
+    show.add_argument("--out", default=None, help="PNG path (default: PATH/contact_sheet.png)")
+    show.add_argument("--count", type=int, default=48)
+    show.add_argument("--seed", type=int, default=0)
+    show.set_defaults(run=_show_data)
+
+    faces = commands.add_parser("faces", help="generate procedural faces as an image folder")
+    faces.add_argument("--out", required=True)
+    faces.add_argument("--identities", type=int, default=40)
+    faces.add_argument("--images", type=int, default=20, help="images per identity")
+    faces.add_argument("--seed", type=int, default=0)
+    faces.set_defaults(run=_faces)
     return parser
 
 

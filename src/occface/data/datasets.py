@@ -1,0 +1,272 @@
+"""Identity and occlusion datasets.
+
+Every dataset yields :class:`FaceSample` items: the image ``[3, S, S]`` normalised as AdaFace does
+in the dataset's colour order, the identity label (``-1`` where unknown), the ground-truth
+visibility mask ``[1, S, S]`` at image resolution (all ones for a clean face) and whether the face
+is occluded. Problems with the files are found when a dataset is opened (a validation pass) and
+reported together, each naming its file.
+"""
+from __future__ import annotations
+
+import abc
+import csv
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..models.backbone import INPUT_SIZES, check_color_space
+from .errors import DataError, DataProblems
+from .images import image_size, is_image_file, read_image, read_mask, resize_image, resize_mask, to_model_input
+
+log = logging.getLogger(__name__)
+
+# (image uint8 [H, W, 3], mask float32 [H, W], rng) -> (image, mask)
+PairedTransform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
+
+
+class FaceSample(NamedTuple):
+    """image [3, S, S] float32 in [-1, 1]; label: identity index or -1; mask [1, S, S] in [0, 1]
+    (1 = visible); occluded: whether any of the face is hidden."""
+
+    image: torch.Tensor
+    label: int
+    mask: torch.Tensor
+    occluded: bool
+
+
+@dataclass(frozen=True)
+class RawSample:
+    """What a dataset reads before transforms: RGB uint8 [H, W, 3], mask float32 [H, W] or None."""
+
+    image: np.ndarray
+    mask: np.ndarray | None
+    label: int
+
+
+class FaceDataset(Dataset, abc.ABC):
+    """Base class: reading, resizing, paired transforms and conversion to model input.
+
+    Subclasses set ``identities`` (names), ``targets`` (label per index) and ``occluded_flags``
+    (per index, whether the face has an occlusion mask) and implement :meth:`read`.
+    Randomness in transforms comes from ``(seed, epoch, index)``, so a sample is reproducible
+    whatever worker loads it; call :meth:`set_epoch` each epoch.
+    """
+
+    identities: list[str]
+    targets: list[int]
+    occluded_flags: list[bool]
+
+    def __init__(self, color_space: str = "RGB", input_size: int = 112,
+                 transform: PairedTransform | None = None, seed: int = 0) -> None:
+        if input_size not in INPUT_SIZES:
+            raise ValueError(f"input_size must be one of {INPUT_SIZES}, got {input_size!r}")
+        self.color_space = check_color_space(color_space)
+        self.input_size = input_size
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.identities)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @abc.abstractmethod
+    def read(self, index: int) -> RawSample:
+        """Read sample ``index`` from disk (each dataset format implements this)."""
+
+    def __getitem__(self, index: int) -> FaceSample:
+        raw = self.read(index)
+        image = resize_image(raw.image, self.input_size)
+        mask = (np.ones(image.shape[:2], np.float32) if raw.mask is None
+                else resize_mask(raw.mask, self.input_size, self.input_size))
+        if self.transform is not None:
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            image, mask = self.transform(image, mask, rng)
+        mask_tensor = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
+        return FaceSample(to_model_input(image, self.color_space), raw.label, mask_tensor,
+                          bool((mask_tensor < 0.5).any()))
+
+
+def _identity_index(names: Sequence[str]) -> tuple[list[str], dict[str, int]]:
+    identities = sorted(set(names))
+    return identities, {name: i for i, name in enumerate(identities)}
+
+
+class ImageFolderDataset(FaceDataset):
+    """``<root>/<identity>/<image>``: one folder per identity; the class count is the number of
+    identity folders that hold images. ``identities`` restricts to (and orders by) a given list."""
+
+    def __init__(self, root: str | Path, *, identities: Sequence[str] | None = None,
+                 validate: bool = True, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: not a directory")
+        folders = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if identities is not None:
+            wanted = set(identities)
+            absent = sorted(wanted - {p.name for p in folders})
+            if absent:
+                raise DataError(f"{self.root}: no folder for identities {absent[:10]}")
+            folders = [p for p in folders if p.name in wanted]
+        self.paths: list[Path] = []
+        labels: list[str] = []
+        for folder in folders:
+            files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+            self.paths += files
+            labels += [folder.name] * len(files)
+        if not self.paths:
+            raise DataError(f"{self.root}: no images found (expected <root>/<identity>/<image>)")
+        self.identities, index = _identity_index(labels)
+        self.targets = [index[name] for name in labels]
+        self.occluded_flags = [False] * len(self.paths)
+        if validate:
+            problems = []
+            for path in self.paths:
+                try:
+                    image_size(path)
+                except DataError as error:
+                    problems.append(str(error))
+            if problems:
+                raise DataProblems(str(self.root), problems)
+
+    def read(self, index: int) -> RawSample:
+        return RawSample(read_image(self.paths[index]), None, self.targets[index])
+
+
+class OcclusionDataset(FaceDataset):
+    """Faces with ground-truth visibility masks (255 = visible, 0 = occluded; binary or
+    continuous; at image resolution), in either layout:
+
+    * ``<root>/manifest.csv`` with columns ``image, mask, identity`` (paths relative to the
+      manifest; ``mask`` may be empty for a clean face; ``identity`` may be empty: label -1);
+    * ``<root>/kept_faces/NAME.ext`` with ``<root>/masks/NAME_mask.png`` (no identities).
+
+    Opening validates every file: a missing mask, an unreadable image or mask, or a mask whose
+    aspect ratio differs from its image's is a :class:`DataProblems` error listing all of them;
+    a mask at another resolution with the same aspect is resized (with a warning).
+    """
+
+    def __init__(self, root: str | Path, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.root = Path(root)
+        entries, problems = read_occlusion_layout(self.root)
+        resized = []
+        for image_path, mask_path, _ in entries:
+            try:
+                width, height = image_size(image_path)
+            except DataError as error:
+                problems.append(str(error))
+                continue
+            if mask_path is None:
+                continue
+            try:
+                mask_width, mask_height = image_size(mask_path)
+            except DataError as error:
+                problems.append(str(error).replace("corrupt image", "corrupt mask"))
+                continue
+            if abs(mask_width / mask_height - width / height) > 0.01:
+                problems.append(f"{mask_path}: mask is {mask_width}x{mask_height} but its image {image_path.name} "
+                                f"is {width}x{height} (different aspect ratio)")
+            elif (mask_width, mask_height) != (width, height):
+                resized.append(str(mask_path))
+        if problems:
+            raise DataProblems(str(self.root), problems)
+        if resized:
+            log.warning("%s: %d mask(s) differ in resolution from their images and will be resized, e.g. %s",
+                        self.root, len(resized), resized[0])
+        self.image_paths = [e[0] for e in entries]
+        self.mask_paths = [e[1] for e in entries]
+        named = [e[2] for e in entries if e[2]]
+        self.identities, index = _identity_index(named)
+        self.targets = [index[e[2]] if e[2] else -1 for e in entries]
+        self.occluded_flags = [e[1] is not None for e in entries]
+
+    def read(self, index: int) -> RawSample:
+        image = read_image(self.image_paths[index])
+        mask_path = self.mask_paths[index]
+        mask = None
+        if mask_path is not None:
+            mask = resize_mask(read_mask(mask_path), image.shape[1], image.shape[0])
+        return RawSample(image, mask, self.targets[index])
+
+
+def read_occlusion_layout(root: Path) -> tuple[list[tuple[Path, Path | None, str]], list[str]]:
+    """List (image, mask or None, identity or "") entries of an occlusion dataset and the
+    problems found in its listing (missing files). Raises :class:`DataError` for an unknown layout."""
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory")
+    manifest = root / "manifest.csv"
+    entries: list[tuple[Path, Path | None, str]] = []
+    problems: list[str] = []
+    if manifest.is_file():
+        with manifest.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            columns = set(reader.fieldnames or [])
+            if not {"image", "mask"} <= columns:
+                raise DataError(f"{manifest}: needs the columns image, mask[, identity]; found {sorted(columns)}")
+            for line, row in enumerate(reader, start=2):
+                if not row.get("image"):
+                    problems.append(f"{manifest}:{line}: empty image path")
+                    continue
+                image = root / row["image"]
+                mask = root / row["mask"] if row.get("mask") else None
+                if not image.is_file():
+                    problems.append(f"{image}: image listed in {manifest.name}:{line} not found")
+                if mask is not None and not mask.is_file():
+                    problems.append(f"{mask}: mask listed in {manifest.name}:{line} not found")
+                entries.append((image, mask, (row.get("identity") or "").strip()))
+    elif (root / "kept_faces").is_dir():
+        masks_dir = root / "masks"
+        for image in sorted(p for p in (root / "kept_faces").iterdir() if is_image_file(p)):
+            mask = masks_dir / f"{image.stem}_mask.png"
+            if not mask.is_file():
+                problems.append(f"{image}: no mask (expected {mask})")
+            entries.append((image, mask, ""))
+    else:
+        raise DataError(f"{root}: not an occlusion dataset (expected manifest.csv, or kept_faces/ with masks/)")
+    if not entries and not problems:
+        raise DataError(f"{root}: the occlusion dataset is empty")
+    return entries, problems
+
+
+class ConcatFaceDataset(FaceDataset):
+    """Several face datasets as one, with identities merged by name (e.g. real occluded faces
+    from a manifest beside clean faces of the same people from an image folder)."""
+
+    def __init__(self, datasets: Sequence[FaceDataset]) -> None:
+        if not datasets:
+            raise ValueError("ConcatFaceDataset needs at least one dataset")
+        first = datasets[0]
+        for other in datasets[1:]:
+            if (other.color_space, other.input_size) != (first.color_space, first.input_size):
+                raise ValueError("datasets to concatenate must share color_space and input_size")
+        super().__init__(first.color_space, first.input_size, None, first.seed)
+        self.datasets = list(datasets)
+        names = [d.identities[t] for d in datasets for t in d.targets if t >= 0]
+        self.identities, index = _identity_index(names)
+        self.targets = [index[d.identities[t]] if t >= 0 else -1 for d in datasets for t in d.targets]
+        self.occluded_flags = [flag for d in datasets for flag in d.occluded_flags]
+        self.offsets = np.cumsum([0] + [len(d) for d in datasets])
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        for dataset in self.datasets:
+            dataset.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> FaceSample:
+        which = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        sample = self.datasets[which][index - int(self.offsets[which])]
+        return sample._replace(label=self.targets[index])

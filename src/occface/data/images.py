@@ -1,0 +1,92 @@
+"""Reading face images and visibility masks, and turning them into model input.
+
+Images are handled as ``uint8`` arrays ``[H, W, 3]`` in RGB order until the last step,
+:func:`to_model_input`, which normalises as AdaFace does, ``(x / 255 - 0.5) / 0.5``, and puts the
+channels in the model's colour order (``"RGB"`` or ``"BGR"``; AdaFace's weights expect BGR).
+Masks are ``float32`` arrays ``[H, W]`` in [0, 1], 1 = visible, read from 8-bit grayscale PNGs
+(255 = visible).
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..models.backbone import check_color_space
+from .errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _open(source: str | Path | bytes, what: str) -> Image.Image:
+    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        image.load()
+    except FileNotFoundError as error:
+        raise DataError(f"{name}: {what} file not found") from error
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"{name}: unreadable or corrupt {what} ({error})") from error
+    return image
+
+
+def read_image(source: str | Path | bytes) -> np.ndarray:
+    """Decode an image file (or encoded bytes) to ``uint8 [H, W, 3]`` RGB."""
+    return np.asarray(_open(source, "image").convert("RGB"))
+
+
+def read_mask(source: str | Path | bytes) -> np.ndarray:
+    """Decode a visibility mask to ``float32 [H, W]`` in [0, 1] (1 = visible). A mask with an
+    alpha channel and no colour is read from its alpha; otherwise from its luminance."""
+    image = _open(source, "mask")
+    if image.mode == "LA":
+        image = image.getchannel("L")
+    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from the file header, checking that the file is a decodable image."""
+    try:
+        with Image.open(path) as image:
+            size = image.size
+            image.verify()
+    except FileNotFoundError as error:
+        raise DataError(f"{path}: file not found") from error
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"{path}: unreadable or corrupt image ({error})") from error
+    return size
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
+def resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
+    if mask.shape == (height, width):
+        return mask
+    return np.asarray(Image.fromarray(mask.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
+
+
+def to_model_input(image: np.ndarray, color_space: str) -> torch.Tensor:
+    """``uint8 [H, W, 3]`` RGB -> ``float32 [3, H, W]`` in [-1, 1], in ``color_space`` order."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise DataError(f"expected a uint8 [H, W, 3] image, got {image.dtype} {list(image.shape)}")
+    if check_color_space(color_space) == "BGR":
+        image = image[:, :, ::-1]
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    return tensor.div_(255.0).sub_(0.5).div_(0.5)
+
+
+def from_model_input(tensor: torch.Tensor, color_space: str) -> np.ndarray:
+    """Inverse of :func:`to_model_input`: ``[3, H, W]`` in [-1, 1] -> ``uint8 [H, W, 3]`` RGB."""
+    image = ((tensor.detach().float().cpu() * 0.5 + 0.5).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    return np.ascontiguousarray(image[:, :, ::-1] if check_color_space(color_space) == "BGR" else image)
