@@ -94,7 +94,7 @@ class FaceDataset(Dataset, abc.ABC):
         if self.transform is not None:
             rng = np.random.default_rng((self.seed, self.epoch, index))
             image, mask = self.transform(image, mask, rng)
-        mask_tensor = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
+        mask_tensor = torch.from_numpy(np.array(mask, dtype=np.float32))[None]
         return FaceSample(to_model_input(image, self.color_space), raw.label, mask_tensor,
                           bool((mask_tensor < 0.5).any()))
 
@@ -170,8 +170,8 @@ class OcclusionDataset(FaceDataset):
             except DataError as error:
                 problems.append(str(error))
                 continue
-            if mask_path is None:
-                continue
+            if mask_path is None or not mask_path.is_file():
+                continue  # clean face, or a missing mask already reported
             try:
                 mask_width, mask_height = image_size(mask_path)
             except DataError as error:

@@ -39,7 +39,7 @@ def _open(source: str | Path | bytes, what: str) -> Image.Image:
 
 def read_image(source: str | Path | bytes) -> np.ndarray:
     """Decode an image file (or encoded bytes) to ``uint8 [H, W, 3]`` RGB."""
-    return np.asarray(_open(source, "image").convert("RGB"))
+    return np.array(_open(source, "image").convert("RGB"))
 
 
 def read_mask(source: str | Path | bytes) -> np.ndarray:
@@ -48,7 +48,7 @@ def read_mask(source: str | Path | bytes) -> np.ndarray:
     image = _open(source, "mask")
     if image.mode == "LA":
         image = image.getchannel("L")
-    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    return np.array(image.convert("L"), dtype=np.float32) / 255.0
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -82,7 +82,10 @@ def to_model_input(image: np.ndarray, color_space: str) -> torch.Tensor:
         raise DataError(f"expected a uint8 [H, W, 3] image, got {image.dtype} {list(image.shape)}")
     if check_color_space(color_space) == "BGR":
         image = image[:, :, ::-1]
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    image = np.ascontiguousarray(image)
+    if not image.flags.writeable:
+        image = image.copy()
+    tensor = torch.from_numpy(image).permute(2, 0, 1).float()
     return tensor.div_(255.0).sub_(0.5).div_(0.5)
 
 

@@ -105,9 +105,9 @@ class RecordIODataset(FaceDataset):
         super().__init__(**kwargs)
         self.records = RecordFile(rec_path, idx_path)
         first_key = min(self.records.offsets)
-        labels0, _ = unpack_record(self.records.read(first_key))
+        labels0, image0 = unpack_record(self.records.read(first_key))
         raw_labels: list[int]
-        if first_key == 0 and labels0.size >= 2 and labels0[0] > 0:
+        if first_key == 0 and labels0.size >= 2 and labels0[0] > 0 and not image0:  # InsightFace's header record
             image_end, identity_end = int(labels0[0]), int(labels0[1])
             self.keys = [k for k in range(1, image_end) if k in self.records.offsets]
             identity_keys = [k for k in range(image_end, identity_end) if k in self.records.offsets]

@@ -205,7 +205,10 @@ def composite(image: np.ndarray, layer: np.ndarray) -> tuple[np.ndarray, np.ndar
     """Put a premultiplied RGBA layer [H, W, 4] (floats in [0, 1]) over an RGB uint8 image.
     Returns (composited uint8 image, visibility = 1 - alpha as float32)."""
     alpha = np.clip(layer[..., 3:4], 0.0, 1.0)
-    out = image.astype(np.float32) * (1.0 - alpha) + np.clip(layer[..., :3], 0.0, 1.0) * 255.0
+    # A premultiplied colour cannot exceed its alpha (resampling can overshoot): clamp it, so the
+    # composite is exactly image * (1 - alpha) + colour.
+    colour = np.clip(layer[..., :3], 0.0, alpha)
+    out = image.astype(np.float32) * (1.0 - alpha) + colour * 255.0
     return np.clip(out, 0, 255).round().astype(np.uint8), (1.0 - alpha[..., 0]).astype(np.float32)
 
 

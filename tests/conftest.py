@@ -1,0 +1,33 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# The workplace's real data (never part of the project); tests that need it skip without it.
+SHARED_DATA = Path(os.environ.get("OCCFACE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "occluders").is_dir():
+        pytest.skip(f"real face data not found at {SHARED_DATA} (set OCCFACE_SHARED_DATA)")
+    return SHARED_DATA
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture
+def face_folder(tmp_path) -> Path:
+    """3 identities x 4 random 112x112 faces as an image folder."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "faces"
+    for identity in ("carol", "alice", "bob"):
+        for index in range(4):
+            write_png(root / identity / f"{index:04d}.png", rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))
+    return root
