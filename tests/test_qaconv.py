@@ -188,3 +188,13 @@ def test_reset_parameters_and_running_stats():
     qaconv.reset_parameters()
     assert torch.allclose(qaconv.fc.weight, torch.full((1, 98), 1 / 98)) and qaconv.fc.bias.item() == 0
     assert torch.all(qaconv.bn.weight == 1) and torch.all(qaconv.logit_bn.bias == 0)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_score_pairs_equals_the_diagonal_of_score_all(weighted):
+    qaconv = make_matcher()
+    probe, gallery = features(9), features(9, seed=3)
+    probe_occ, gallery_occ = (maps(9), maps(9, seed=4)) if weighted else (None, None)
+    expected = qaconv.score_all(probe, gallery, probe_occ, gallery_occ).diagonal()
+    torch.testing.assert_close(qaconv.score_pairs(probe, gallery, probe_occ, gallery_occ, batch_size=4), expected,
+                               atol=1e-5, rtol=1e-5)

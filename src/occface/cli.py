@@ -62,6 +62,24 @@ def _faces(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import Trainer
+
+    config = load_config(args.config, args.overrides)
+    summary = Trainer(config, resume=args.resume).fit()
+    print(f"trained {summary['steps']} steps ({summary['images_per_second']:.1f} images/s); "
+          f"model: {Path(config.train.out_dir) / 'model'}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, args.overrides)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="occface", description=__doc__)
     parser.add_argument("--version", action="version", version=f"occface {__version__}")
@@ -69,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="versions, device and the backbone architectures")
     info.set_defaults(run=_info)
+
+    demo = commands.add_parser("demo", help="end-to-end run on embedded procedural faces (CPU, minutes)")
+    demo.add_argument("--out", default="occface-demo", help="output folder (report in OUT/report)")
+    demo.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
+    demo.set_defaults(run=_demo)
+
+    train = commands.add_parser("train", help="multi-task training from a YAML config")
+    train.add_argument("--config", required=True, help="YAML file (see configs/)")
+    train.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
+    train.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoints/last.ckpt")
+    train.set_defaults(run=_train)
 
     check = commands.add_parser("check-data", help="validate a dataset and summarise it; exit 1 listing every problem")
     check.add_argument("path", help="image folder, occlusion dataset (manifest.csv or kept_faces/masks), .rec or .bin")

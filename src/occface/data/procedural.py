@@ -202,7 +202,8 @@ class ProceduralFaceDataset(FaceDataset):
     """The procedural faces as a dataset rendered on the fly (no files)."""
 
     def __init__(self, faces: ProceduralFaces, identities: list[int] | None = None, **kwargs) -> None:
-        super().__init__(input_size=faces.size, **kwargs)
+        kwargs.setdefault("input_size", faces.size)
+        super().__init__(**kwargs)
         self.faces = faces
         chosen = list(range(faces.num_identities)) if identities is None else list(identities)
         self.identities = [faces.identity_name(i) for i in chosen]

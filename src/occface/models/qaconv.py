@@ -234,6 +234,31 @@ class QAConv(nn.Module):
             return scores
         return torch.cat(columns, dim=1) if columns else torch.empty(num_probe, 0, device=device)
 
+    @torch.inference_mode()
+    def score_pairs(
+        self,
+        probe: torch.Tensor,
+        gallery: torch.Tensor,
+        probe_occ: torch.Tensor | None = None,
+        gallery_occ: torch.Tensor | None = None,
+        *,
+        batch_size: int = 256,
+    ) -> torch.Tensor:
+        """Scores of aligned pairs (probe[i] with gallery[i]), as ``score_all`` would give them:
+        [N, C, H, W] x 2 (+ maps [N, 1, H, W] or None) -> [N] float32 logits (running statistics)."""
+        if probe.shape[0] != gallery.shape[0]:
+            raise ValueError(f"score_pairs needs as many probes as gallery faces, got {probe.shape[0]} and {gallery.shape[0]}")
+        hw = self.num_locations
+        weight, bias = (t.to(probe.device) for t in self._eval_affine())
+        out = []
+        for start in range(0, probe.shape[0], batch_size):
+            end = start + batch_size
+            a = self.prepare(probe[start:end], None if probe_occ is None else probe_occ[start:end], "probe")
+            b = self.prepare(gallery[start:end], None if gallery_occ is None else gallery_occ[start:end], "gallery")
+            corr = torch.bmm(a, b.transpose(1, 2))  # [n, HW probe, HW gallery]
+            out.append(corr.amax(dim=1) @ weight[:hw] + corr.amax(dim=2) @ weight[hw:] + bias)
+        return torch.cat(out) if out else probe.new_zeros(0)
+
     def _eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """In eval mode bn -> fc -> logit_bn is affine in the 2HW maxima: return (weight [2HW], bias [])."""
 

@@ -1,0 +1,170 @@
+"""Training configuration: small YAML files mapped onto dataclasses. Unknown keys are errors."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not fit the schema."""
+
+
+@dataclass
+class ModelSection:
+    arch: str = "ir_50"
+    feature_level: str = "block4"  # block4: 7x7 maps at 112 input; block3: 14x14
+    input_size: int = 112
+    width: float = 1.0
+    color_space: str = "RGB"  # set to BGR when starting from AdaFace weights
+    occlusion_hidden_channels: int = 128
+    init_from: str | None = None  # an AdaFace checkpoint (.ckpt / state dict / .safetensors)
+    freeze_backbone: bool = False
+    backbone_lr_scale: float = 1.0
+
+
+@dataclass
+class DataSection:
+    source: str = "procedural"  # procedural | folder | recordio | occlusion
+    path: str | None = None
+    identities: list[str] | None = None  # folder: restrict to these identity folders
+    split_file: str | None = None  # JSON with a "train" list of identities (e.g. faces112_split.json)
+    extra_occlusion_path: str | None = None  # real occluded faces with masks (manifest), merged by identity
+    procedural_identities: int = 40
+    procedural_images: int = 16
+    procedural_seed: int = 0
+    occluders: str | None = None  # RGBA overlay folder; None: procedural occluders
+    occlusion_kinds: list[str] = field(default_factory=lambda: ["niqab", "mask"])
+    occlusion_probability: float = 0.8
+    flip: float = 0.5
+    crop: float = 0.2
+    low_res: float = 0.2
+    photometric: float = 0.2
+    identities_per_batch: int = 8
+    images_per_identity: int = 4
+    num_workers: int = 0
+
+
+@dataclass
+class LossSection:
+    head: str = "adaface"  # adaface | arcface | cosface
+    m: float = 0.4
+    h: float = 0.333
+    s: float = 64.0
+    t_alpha: float = 0.01
+    adaface_weight: float = 1.0
+    qaconv_weight: float = 1.0
+    occlusion_weight: float = 1.0
+    occlusion_weight_start: float = 0.1
+    occlusion_warmup_steps: int = 0
+    triplet_margin: float | None = None
+    mask_downsampling: str = "area"
+
+
+@dataclass
+class OptimSection:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_steps: int = 0
+    schedule: str = "multistep"  # multistep | cosine | constant
+    milestones: list[int] = field(default_factory=list)  # steps, for multistep
+    gamma: float = 0.1
+    clip_grad_norm: float | None = 5.0
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 1000
+    seed: int = 0
+    out_dir: str = "runs/occface"
+    accelerator: str = "auto"
+    devices: int | str = 1
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
+    log_every: int = 10
+    checkpoint_every: int = 100
+    val_every: int = 0  # 0: validate at the end only
+    val_pairs: int = 200  # per pair type, drawn from held-out identities
+    val_identities: int = 0  # identities held out of training for validation (procedural/folder)
+    image_grid_every: int = 100
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    loss: LossSection = field(default_factory=LossSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(names)}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, f"{where}.{name}")
+        else:
+            kwargs[name] = _check_type(value, hint, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _check_type(value, hint, where: str):
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if option is type(None) and value is None:
+            return None
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is list and isinstance(value, list):
+            return value
+        if origin in (int, str, bool) and isinstance(value, origin) and not (origin is int and isinstance(value, bool)):
+            return value
+    raise ConfigError(f"{where}: {value!r} is not a valid {hint}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file (if any), then ``section.key=value`` overrides (values are YAML)."""
+    values: dict = {}
+    where = "config"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({error})") from error
+        where = str(path)
+    for override in overrides or []:
+        key, sep, raw = override.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {override!r}: expected section.key=value")
+        section, name = key.split(".", 1)
+        values.setdefault(section, {})
+        if not isinstance(values[section], dict):
+            raise ConfigError(f"override {override!r}: {section} is not a section")
+        values[section][name] = yaml.safe_load(raw)
+    return _build(Config, values, where)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

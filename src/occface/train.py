@@ -1,0 +1,392 @@
+"""Multi-task training: AdaFace margin loss + QAConv pair loss + occlusion MSE, with Lightning Fabric.
+
+    occface train --config configs/demo_cpu.yaml [section.key=value ...] [--resume]
+
+Devices, precision (bf16 autocast on GPU, fp32 on CPU) and DDP come from Fabric; under
+``torchrun`` each process is one rank. Checkpoints (``last.ckpt`` every ``checkpoint_every`` steps
+and at the end, ``best.ckpt`` by validation accuracy) are written atomically and hold everything a
+resumed run needs, so a killed run continues where it stopped and, on CPU with a fixed seed,
+reaches the same weights as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .config import Config, save_config
+from .data import (ConcatFaceDataset, FaceDataset, IdentityBalancedSampler, ImageFolderDataset, OcclusionDataset,
+                   OcclusionSynthesizer, ProceduralFaceDataset, ProceduralFaces, RecordIODataset, SynthesizeOcclusion,
+                   adaface_augmentation)
+from .data.transforms import Compose
+from .evaluate import OcclusionPairs, evaluate_occlusion_pairs, threshold_at_far, visibility_grid
+from .losses import LossWeights, MarginHead, QAConvPairLoss, occlusion_loss
+from .models.checkpoint import load_adaface_checkpoint
+from .models.occface import ModelConfig, OccFaceModel
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the loss stayed non-finite)."""
+
+
+class MultiTaskModule(nn.Module):
+    """The model, its margin head and the loss terms in one module (one DDP wrapper).
+
+    forward(images [B, 3, S, S], labels [B], masks [B, 1, S, S]) -> dict of loss terms
+    (``adaface``, ``qaconv``, ``occlusion``), ``pair_accuracy`` and the predicted maps.
+    QAConv is weighted by the predicted maps, detached: the visibility head learns from the
+    occlusion loss alone and the matcher learns to match under its weighting.
+    """
+
+    def __init__(self, model: OccFaceModel, num_classes: int, config: Config) -> None:
+        super().__init__()
+        loss = config.loss
+        self.model = model
+        self.margin_head = MarginHead(model.backbone.embedding_size, num_classes, loss.head, loss.m, loss.h, loss.s, loss.t_alpha)
+        self.pair_loss = QAConvPairLoss(model.qaconv, loss.triplet_margin)
+        self.mask_mode = loss.mask_downsampling
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.model(images)
+        logits = self.margin_head(out.embedding, out.norm, labels)
+        qaconv, pair_accuracy = self.pair_loss(out.feature_map, labels, out.occlusion.detach())
+        return {
+            "adaface": F.cross_entropy(logits.float(), labels),
+            "qaconv": qaconv,
+            "occlusion": occlusion_loss(out.occlusion, masks, self.mask_mode),
+            "pair_accuracy": pair_accuracy,
+            "occlusion_map": out.occlusion.detach(),
+        }
+
+
+@dataclass
+class DataBundle:
+    train: FaceDataset
+    validation: OcclusionPairs | None
+
+
+def build_data(config: Config) -> DataBundle:
+    """Training dataset (with occlusion synthesis and AdaFace augmentation) and validation pairs."""
+    data, train = config.data, config.train
+    synthesizer = OcclusionSynthesizer.from_directory(data.occluders, data.occlusion_kinds)
+    transform = Compose([SynthesizeOcclusion(synthesizer, data.occlusion_probability),
+                         adaface_augmentation(data.flip, data.crop, data.low_res, data.photometric)])
+    common = dict(color_space=config.model.color_space, input_size=config.model.input_size, seed=train.seed)
+    holdout: FaceDataset | None = None
+    if data.source == "procedural":
+        faces = ProceduralFaces(data.procedural_identities, data.procedural_images, data.procedural_seed, config.model.input_size)
+        split = data.procedural_identities - train.val_identities
+        if split < 2:
+            raise ValueError(f"data.procedural_identities={data.procedural_identities} leaves {split} training identities")
+        dataset: FaceDataset = ProceduralFaceDataset(faces, list(range(split)), transform=transform, **common)
+        if train.val_identities:
+            holdout = ProceduralFaceDataset(faces, list(range(split, data.procedural_identities)), **common)
+    elif data.source == "folder":
+        if data.path is None:
+            raise ValueError("data.source=folder needs data.path")
+        names = data.identities
+        if data.split_file:
+            names = json.loads(Path(data.split_file).read_text())["train"]
+        if names is None:
+            names = sorted(p.name for p in Path(data.path).iterdir() if p.is_dir())
+        keep = len(names) - train.val_identities
+        dataset = ImageFolderDataset(data.path, identities=names[:keep], transform=transform, **common)
+        if train.val_identities:
+            holdout = ImageFolderDataset(data.path, identities=names[keep:], **common)
+    elif data.source == "recordio":
+        if data.path is None:
+            raise ValueError("data.source=recordio needs data.path (the .rec file)")
+        dataset = RecordIODataset(data.path, transform=transform, **common)
+    elif data.source == "occlusion":
+        if data.path is None:
+            raise ValueError("data.source=occlusion needs data.path")
+        dataset = OcclusionDataset(data.path, transform=adaface_augmentation(data.flip, data.crop, data.low_res, data.photometric), **common)
+    else:
+        raise ValueError(f"unknown data.source {data.source!r}; expected procedural, folder, recordio or occlusion")
+    if data.extra_occlusion_path:
+        extra = OcclusionDataset(data.extra_occlusion_path, transform=adaface_augmentation(data.flip, data.crop, data.low_res, data.photometric), **common)
+        dataset = ConcatFaceDataset([dataset, extra])
+    validation = None
+    if holdout is not None:
+        validation = OcclusionPairs.build(holdout, synthesizer, train.val_pairs, seed=train.seed + 1)
+    return DataBundle(dataset, validation)
+
+
+def parameter_groups(module: MultiTaskModule, config: Config) -> list[dict]:
+    """SGD/AdamW groups: no weight decay on BatchNorm and biases; backbone lr scaled."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    backbone_ids = {id(p) for p in module.model.backbone.parameters()}
+    for sub in module.modules():
+        for name, parameter in sub.named_parameters(recurse=False):
+            if not parameter.requires_grad:
+                continue
+            no_decay = isinstance(sub, nn.modules.batchnorm._BatchNorm) or name == "bias"
+            groups.setdefault((id(parameter) in backbone_ids, no_decay), []).append(parameter)
+    out = []
+    for (in_backbone, no_decay), params in groups.items():
+        scale = config.model.backbone_lr_scale if in_backbone else 1.0
+        out.append({"params": params, "lr": config.optim.lr * scale, "weight_decay": 0.0 if no_decay else config.optim.weight_decay})
+    return out
+
+
+def lr_factor(step: int, config: Config) -> float:
+    optim, total = config.optim, config.train.max_steps
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.schedule == "multistep":
+        return optim.gamma ** sum(step >= m for m in optim.milestones)
+    if optim.schedule == "cosine":
+        span = max(1, total - optim.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - optim.warmup_steps) / span)))
+    if optim.schedule == "constant":
+        return 1.0
+    raise ValueError(f"unknown optim.schedule {optim.schedule!r}; expected multistep, cosine or constant")
+
+
+def atomic_save(state: dict, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+class Trainer:
+    """Runs one training configuration. ``fit`` returns a summary dict."""
+
+    def __init__(self, config: Config, resume: bool = False) -> None:
+        import lightning as L
+
+        self.config = config
+        self.out_dir = Path(config.train.out_dir)
+        train = config.train
+        accelerator = train.accelerator
+        precision = train.precision
+        if precision == "auto":
+            uses_gpu = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
+            precision = "bf16-mixed" if uses_gpu else "32-true"
+        self.fabric = L.Fabric(accelerator=accelerator, devices=train.devices, precision=precision)
+        self.fabric.launch()
+        self.fabric.seed_everything(train.seed, verbose=False)
+        self.resume = resume
+
+    # ------------------------------------------------------------------ set-up
+    def _setup(self) -> None:
+        config, fabric = self.config, self.fabric
+        self.data = build_data(config)
+        dataset = self.data.train
+        model_config = ModelConfig(config.model.arch, config.model.feature_level, config.model.input_size,
+                                   config.model.width, config.model.color_space, config.model.occlusion_hidden_channels)
+        model = OccFaceModel(model_config)
+        if config.model.init_from:
+            load_adaface_checkpoint(model.backbone, config.model.init_from, color_space=config.model.color_space)
+        if config.model.freeze_backbone:
+            model.backbone.requires_grad_(False)
+        self.module = MultiTaskModule(model, dataset.num_classes, config)
+        groups = parameter_groups(self.module, config)
+        if config.optim.name == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=config.optim.lr, momentum=config.optim.momentum)
+        elif config.optim.name == "adamw":
+            self.optimizer = torch.optim.AdamW(groups, lr=config.optim.lr)
+        else:
+            raise ValueError(f"unknown optim.name {config.optim.name!r}; expected sgd or adamw")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, config))
+        self.sampler = IdentityBalancedSampler(dataset.targets, config.data.identities_per_batch,
+                                               config.data.images_per_identity, seed=config.train.seed,
+                                               rank=fabric.global_rank, world_size=fabric.world_size)
+        self.weights = LossWeights(config.loss.adaface_weight, config.loss.qaconv_weight, config.loss.occlusion_weight,
+                                   config.loss.occlusion_weight_start, config.loss.occlusion_warmup_steps)
+        self.step, self.epoch, self.batch_in_epoch, self.bad_steps, self.skipped = 0, 0, 0, 0, 0
+        self.best = -1.0
+        if self.resume:
+            self._load(self.out_dir / "checkpoints" / "last.ckpt")
+        self.wrapped, self.wrapped_optimizer = fabric.setup(self.module, self.optimizer)
+        self.writer = None
+        if fabric.is_global_zero:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.out_dir / "config.yaml")
+            self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+
+    def _state(self) -> dict:
+        return {
+            "module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch, "skipped_steps": self.skipped, "best": self.best,
+            "config": self.config.to_dict(), "num_classes": self.data.train.num_classes,
+            "identities": list(self.data.train.identities),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+
+    def save_checkpoint(self, name: str) -> Path:
+        path = self.out_dir / "checkpoints" / name
+        if self.fabric.is_global_zero:
+            atomic_save(self._state(), path)
+        self.fabric.barrier()
+        return path
+
+    def _load(self, path: Path) -> None:
+        if not path.is_file():
+            raise TrainingError(f"{path}: no checkpoint to resume from")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["num_classes"] != self.data.train.num_classes:
+            raise TrainingError(f"{path}: checkpoint has {state['num_classes']} classes, the data {self.data.train.num_classes}")
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.skipped, self.best = state["skipped_steps"], state["best"]
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------ loop
+    def _batches(self):
+        """Endless (epoch, batch) iterator that starts at the saved position."""
+        while True:
+            self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+            self.data.train.set_epoch(self.epoch)
+            # The loader's own generator keeps it from drawing on the global RNG (dropout's), which
+            # would make a resumed run diverge from an uninterrupted one.
+            generator = torch.Generator().manual_seed(self.config.train.seed * 100_003 + self.epoch)
+            loader = DataLoader(self.data.train, batch_sampler=self.sampler, num_workers=self.config.data.num_workers,
+                                generator=generator)
+            for batch in loader:
+                yield batch
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def fit(self, stop_after: int | None = None) -> dict:
+        """Train to ``train.max_steps``. ``stop_after`` ends the process's work after that step,
+        as a kill would (tests use it to check resuming)."""
+        self._setup()
+        config, fabric = self.config, self.fabric
+        train = config.train
+        progress = None
+        if fabric.is_global_zero and train.progress:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=train.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        started, images_seen = time.perf_counter(), 0
+        batches = self._batches()
+        while self.step < train.max_steps:
+            batch = next(batches)
+            self.batch_in_epoch += 1
+            self.wrapped.train()
+            if config.model.freeze_backbone:
+                self.module.model.backbone.eval()
+            images, labels, masks = (fabric.to_device(t) for t in (batch.image, batch.label, batch.mask))
+            terms = self.wrapped(images, labels, masks)
+            weights = self.weights.at(self.step)
+            total = sum(weights[k] * terms[k] for k in ("adaface", "qaconv", "occlusion"))
+            finite = fabric.all_reduce(torch.isfinite(total.detach()).float(), reduce_op="min")
+            self.wrapped_optimizer.zero_grad(set_to_none=True)
+            if finite.item() < 1:
+                self.bad_steps += 1
+                self.skipped += 1
+                bad = [k for k in ("adaface", "qaconv", "occlusion") if not torch.isfinite(terms[k]).all()]
+                log.warning("step %d: non-finite loss (%s); update skipped", self.step + 1, ", ".join(bad) or "on another rank")
+                if self.bad_steps > train.max_bad_steps:
+                    raise TrainingError(f"the loss was non-finite for {self.bad_steps} steps in a row (last at step "
+                                        f"{self.step + 1}: {', '.join(bad) or 'on another rank'}); stopping")
+            else:
+                self.bad_steps = 0
+                fabric.backward(total)
+                if config.optim.clip_grad_norm:
+                    fabric.clip_gradients(self.wrapped, self.wrapped_optimizer, max_norm=config.optim.clip_grad_norm)
+                self.wrapped_optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            images_seen += images.shape[0] * fabric.world_size
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{total.item():.3f}", pair_acc=f"{terms['pair_accuracy'].item():.2f}",
+                                     img_s=f"{images_seen / (time.perf_counter() - started):.1f}")
+            if self.writer is not None and (self.step % train.log_every == 0 or self.step == 1):
+                self._log(terms, total, weights, batch, images_seen / (time.perf_counter() - started))
+            if self.writer is not None and train.image_grid_every and self.step % train.image_grid_every == 0:
+                count = min(8, images.shape[0])
+                visibility_grid(batch.image[:count], terms["occlusion_map"][:count].cpu(), batch.mask[:count],
+                                config.model.color_space, self.out_dir / "images" / f"step_{self.step:06d}.png", columns=4)
+            if train.val_every and self.step % train.val_every == 0 and self.step < train.max_steps:
+                self._validate()
+            if train.checkpoint_every and self.step % train.checkpoint_every == 0:
+                self.save_checkpoint("last.ckpt")
+            if stop_after is not None and self.step >= stop_after:
+                return {"stopped_at": self.step}
+        if progress is not None:
+            progress.close()
+        elapsed = time.perf_counter() - started
+        metrics = self._validate()
+        self.save_checkpoint("last.ckpt")
+        summary = {"steps": self.step, "skipped_steps": self.skipped, "seconds": elapsed,
+                   "images_per_second": images_seen / max(elapsed, 1e-9), "validation": metrics}
+        if fabric.is_global_zero:
+            self._export(metrics)
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            self.writer.close()
+        return summary
+
+    def _log(self, terms: dict, total: torch.Tensor, weights: dict, batch, throughput: float) -> None:
+        step, writer = self.step, self.writer
+        for key in ("adaface", "qaconv", "occlusion"):
+            writer.add_scalar(f"loss/{key}", terms[key].item(), step)
+            writer.add_scalar(f"weight/{key}", weights[key], step)
+        writer.add_scalar("loss/total", total.item(), step)
+        writer.add_scalar("qaconv/pair_accuracy", terms["pair_accuracy"].item(), step)
+        writer.add_scalar("lr", self.optimizer.param_groups[0]["lr"], step)
+        writer.add_scalar("train/images_per_second", throughput, step)
+        writer.add_scalar("train/skipped_steps", self.skipped, step)
+        maps, occluded = terms["occlusion_map"].cpu(), batch.occluded
+        if occluded.any():
+            writer.add_scalar("visibility/occluded_mean", maps[occluded].mean().item(), step)
+        if (~occluded).any():
+            writer.add_scalar("visibility/clean_mean", maps[~occluded].mean().item(), step)
+
+    def _validate(self) -> dict | None:
+        if self.data.validation is None:
+            return None
+        metrics = None
+        if self.fabric.is_global_zero:
+            model = self.module.model
+            metrics, scores, _ = evaluate_occlusion_pairs(model, self.data.validation, device=self.fabric.device)
+            model.train()
+            for source, by_type in metrics.items():
+                for pair_type, values in by_type.items():
+                    if values.get("accuracy") is not None:
+                        self.writer.add_scalar(f"val_{source}/{pair_type}", values["accuracy"], self.step)
+            self._scores = scores
+            score = metrics["fused"]["all"]["accuracy"] or 0.0
+            if score > self.best:
+                self.best = score
+                atomic_save(self._state(), self.out_dir / "checkpoints" / "best.ckpt")
+        self.fabric.barrier()
+        return metrics
+
+    def _export(self, metrics: dict | None) -> None:
+        """Save the model for ``OccFaceModel.from_pretrained`` with thresholds calibrated at FAR 1e-2."""
+        model = self.module.model
+        if metrics is not None:
+            pairs = self.data.validation
+            model.config.calibration = {
+                source: {"far": 0.01, "threshold": threshold_at_far(values, pairs.issame, 0.01)}
+                for source, values in self._scores.items() if source != "fused"
+            }
+        model.save_pretrained(self.out_dir / "model")

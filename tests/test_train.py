@@ -1,0 +1,144 @@
+import json
+
+import pytest
+import torch
+
+from occface.config import ConfigError, load_config
+from occface.demo import default_config_path, run_demo
+from occface.models.occface import OccFaceModel
+from occface.train import MultiTaskModule, Trainer, TrainingError, atomic_save
+
+TINY = [
+    "model.arch=ir_18", "model.width=0.125", "model.occlusion_hidden_channels=8",
+    "data.procedural_identities=8", "data.procedural_images=4", "data.identities_per_batch=3",
+    "data.images_per_identity=2", "data.crop=0.2", "data.low_res=0.2",
+    "optim.warmup_steps=2", "optim.schedule=cosine", "optim.lr=0.05",
+    "train.val_identities=2", "train.val_pairs=8", "train.log_every=1", "train.image_grid_every=2",
+    "train.progress=false",
+]
+
+
+def tiny_config(tmp_path, *extra):
+    return load_config(default_config_path(), [*TINY, f"train.out_dir={tmp_path}", *extra])
+
+
+def module_state(trainer):
+    return {k: v.clone() for k, v in trainer.module.state_dict().items()}
+
+
+def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
+    (tmp_path / "bad.yaml").write_text("model:\n  arch: ir_50\n  widht: 0.5\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.model: unknown key\(s\) \['widht'\]"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="not a valid"):
+        load_config(None, ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(None, ["lr=0.1"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_shipped_configs_load():
+    for name in ("demo_cpu.yaml", "ir50_block4.yaml", "ir50_block3.yaml", "finetune_adaface.yaml"):
+        load_config(default_config_path(name))
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
+    """6 steps straight vs 3 steps, a 'kill', and a resume: identical weights (CPU, fixed seed)."""
+    straight = Trainer(tiny_config(tmp_path / "a", "train.max_steps=6", "train.checkpoint_every=3"))
+    straight.fit()
+    first = Trainer(tiny_config(tmp_path / "b", "train.max_steps=6", "train.checkpoint_every=3"))
+    assert first.fit(stop_after=3) == {"stopped_at": 3}
+    resumed = Trainer(tiny_config(tmp_path / "b", "train.max_steps=6", "train.checkpoint_every=3"), resume=True)
+    summary = resumed.fit()
+    assert summary["steps"] == 6
+    expected, actual = module_state(straight), module_state(resumed)
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+    before_kill = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert before_kill["step"] == 6 and before_kill["num_classes"] == 6
+
+
+def test_outputs_of_a_run(tmp_path):
+    summary = Trainer(tiny_config(tmp_path, "train.max_steps=2")).fit()
+    assert summary["steps"] == 2 and summary["validation"]["fused"]["all"]["pairs"] == 24
+    for name in ("config.yaml", "summary.json", "checkpoints/last.ckpt", "checkpoints/best.ckpt", "images/step_000002.png"):
+        assert (tmp_path / name).is_file(), name
+    assert any((tmp_path / "tensorboard").iterdir())
+    model = OccFaceModel.from_pretrained(tmp_path / "model")
+    assert set(model.config.calibration) == {"embedding", "qaconv", "qaconv_weighted"}
+    images = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        out = model(images)
+    assert out.occlusion.shape == (2, 1, 7, 7) and out.embedding.shape == (2, 512)
+
+
+def test_non_finite_losses_skip_the_update_then_stop_the_run(tmp_path, monkeypatch):
+    original = MultiTaskModule.forward
+    calls = {"n": 0}
+
+    def sometimes_nan(self, images, labels, masks):
+        terms = original(self, images, labels, masks)
+        calls["n"] += 1
+        if calls["n"] == 2 or calls["n"] >= 4:
+            terms["qaconv"] = terms["qaconv"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(MultiTaskModule, "forward", sometimes_nan)
+    trainer = Trainer(tiny_config(tmp_path, "train.max_steps=20", "train.max_bad_steps=2"))
+    with pytest.raises(TrainingError, match=r"non-finite for 3 steps in a row \(last at step 6: qaconv\)"):
+        trainer.fit()
+    assert trainer.skipped == 4
+
+
+def test_a_skipped_step_leaves_the_weights_alone(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(tmp_path, "train.max_steps=1"))
+    original = MultiTaskModule.forward
+
+    def nan_once(self, images, labels, masks):
+        terms = original(self, images, labels, masks)
+        terms["adaface"] = torch.full_like(terms["adaface"], float("inf"))
+        return terms
+
+    monkeypatch.setattr(MultiTaskModule, "forward", nan_once)
+    trainer._setup()
+    before = {k: v.clone() for k, v in trainer.module.named_parameters()}
+    trainer.resume = False
+    monkeypatch.setattr(trainer, "_setup", lambda: None)
+    trainer.fit()
+    assert trainer.skipped == 1
+    assert all(torch.equal(before[k], v) for k, v in trainer.module.named_parameters())
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    atomic_save({"step": 1}, path)
+
+    def broken_save(obj, target):
+        with open(target, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["step"] == 1
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(TrainingError, match="no checkpoint to resume from"):
+        Trainer(tiny_config(tmp_path, "train.max_steps=1"), resume=True).fit()
+
+
+def test_demo_end_to_end_at_tiny_size(tmp_path, capsys):
+    report = run_demo(tmp_path, [*TINY, "train.max_steps=2"], eval_pairs=12)
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert set(metrics) == {"embedding", "qaconv", "qaconv_weighted", "fused", "visibility"}
+    for source in ("embedding", "qaconv", "qaconv_weighted", "fused"):
+        assert set(metrics[source]) == {"occluded-occluded", "occluded-clean", "clean-clean", "all"}
+        assert {"accuracy", "tar@far=1e-2", "auc", "pairs"} <= set(metrics[source]["all"])
+    for name in ("report.md", "roc.png", "visibility_grid.png"):
+        assert (report / name).is_file()
+    out = capsys.readouterr().out
+    assert "| qaconv_weighted |" in out and str(report) in out
