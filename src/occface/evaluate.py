@@ -172,7 +172,8 @@ def summary_table(metrics: dict, key: str = "accuracy") -> str:
         cells = []
         for pair_type in present:
             value = metrics[source].get(pair_type, {}).get(key)
-            cells.append("—" if value is None else f"{100 * value:.1f}%" if key != "eer" else f"{value:.3f}")
+            percent = key == "accuracy" or key.startswith("tar@")
+            cells.append("—" if value is None else f"{100 * value:.1f}%" if percent else f"{value:.3f}")
         lines.append(f"| {source} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
