@@ -142,3 +142,32 @@ def test_demo_end_to_end_at_tiny_size(tmp_path, capsys):
         assert (report / name).is_file()
     out = capsys.readouterr().out
     assert "| qaconv_weighted |" in out and str(report) in out
+
+
+def test_train_command_and_resume_flag(tmp_path, capsys):
+    from occface.cli import main
+
+    args = ["train", "--config", str(default_config_path()), *TINY, f"train.out_dir={tmp_path}"]
+    assert main([*args, "train.max_steps=2"]) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    assert main([*args, "train.max_steps=3", "--resume"]) == 0
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["step"] == 3
+
+
+def test_ddp_on_cpu_with_torchrun(tmp_path):
+    """Two CPU ranks (gloo) under torchrun: one shared run, checkpoints written once."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed beside this Python")
+    command = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", "-m", "occface.cli", "train",
+               "--config", str(default_config_path()), *TINY, f"train.out_dir={tmp_path}", "train.max_steps=2",
+               "train.devices=2", "train.accelerator=cpu", "data.procedural_identities=14"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("trained 2 steps") == 1
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["step"] == 2 and state["num_classes"] == 12

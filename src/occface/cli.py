@@ -67,9 +67,11 @@ def _train(args: argparse.Namespace) -> int:
     from .train import Trainer
 
     config = load_config(args.config, args.overrides)
-    summary = Trainer(config, resume=args.resume).fit()
-    print(f"trained {summary['steps']} steps ({summary['images_per_second']:.1f} images/s); "
-          f"model: {Path(config.train.out_dir) / 'model'}")
+    trainer = Trainer(config, resume=args.resume)
+    summary = trainer.fit()
+    if trainer.fabric.is_global_zero:
+        print(f"trained {summary['steps']} steps ({summary['images_per_second']:.1f} images/s); "
+              f"model: {Path(config.train.out_dir) / 'model'}")
     return 0
 
 
