@@ -66,7 +66,8 @@ def test_outputs_of_a_run(tmp_path):
         assert (tmp_path / name).is_file(), name
     assert any((tmp_path / "tensorboard").iterdir())
     model = OccFaceModel.from_pretrained(tmp_path / "model")
-    assert set(model.config.calibration) == {"embedding", "qaconv", "qaconv_weighted"}
+    assert set(model.config.calibration) == {"embedding", "qaconv", "qaconv_weighted", "fused", "normalization",
+                                             "fusion_weight"}
     images = torch.randn(2, 3, 112, 112)
     with torch.no_grad():
         out = model(images)

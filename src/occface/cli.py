@@ -82,6 +82,46 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import PAIR_TYPES, run_eval, summary_table
+
+    result = run_eval(args.model, args.out, pairs_file=args.pairs, root=args.root, bin_file=args.bin,
+                      folder=args.folder, occlude=args.occlude, occluders=args.occluders,
+                      occluded_list=args.occluded_list, pairs_per_type=args.pairs_per_type,
+                      identification_split=args.identification, fusion_weight=args.fusion_weight,
+                      batch_size=args.batch_size, seed=args.seed, device=args.device)
+    sources = {k: v for k, v in result.items() if isinstance(v, dict) and set(v) <= set(PAIR_TYPES)}
+    print(summary_table(sources))
+    if "identification" in result:
+        for source, values in result["identification"].items():
+            print(f"{source:<16} rank-1 {100 * values['rank-1']:.1f}%  rank-5 {100 * values['rank-5']:.1f}%")
+    print(f"report: {args.out}")
+    return 0
+
+
+def _match(args: argparse.Namespace) -> int:
+    from .match import draw_match, match, read_aligned_face
+    from .models.occface import OccFaceModel
+
+    model = OccFaceModel.from_pretrained(args.model)
+    size = model.config.input_size
+    first, second = read_aligned_face(args.first, size), read_aligned_face(args.second, size)
+    result = match(model, first, second)
+    for source, score in result["scores"].items():
+        calibration = result["calibration"].get(source)
+        verdict = ""
+        if isinstance(calibration, dict):
+            same = result["decisions"][source]
+            verdict = f"  {'same' if same else 'different'} (threshold {calibration['threshold']:.3f} at FAR {calibration['far']:g})"
+        print(f"{source:<16} {score:8.3f}{verdict}")
+    primary = "fused" if "fused" in result["decisions"] else "embedding"
+    if primary in result["decisions"]:
+        print(f"decision ({primary}): {'SAME person' if result['decisions'][primary] else 'DIFFERENT people'}")
+    out = args.out or Path(args.first).with_name(f"match_{Path(args.first).stem}_{Path(args.second).stem}.png")
+    print(f"picture: {draw_match(first, second, result, out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="occface", description=__doc__)
     parser.add_argument("--version", action="version", version=f"occface {__version__}")
@@ -94,6 +134,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="occface-demo", help="output folder (report in OUT/report)")
     demo.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     demo.set_defaults(run=_demo)
+
+    evaluate = commands.add_parser("eval", help="verification (and identification) with and without occlusion weighting")
+    evaluate.add_argument("--model", required=True, help="model directory (config.json + model.safetensors)")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pairs", help="LFW-style pairs.txt (with --root)")
+    source.add_argument("--bin", help="InsightFace verification .bin (lfw.bin, agedb_30.bin, cfp_fp.bin)")
+    source.add_argument("--folder", help="identity folder or occlusion dataset: pairs drawn with a fixed seed")
+    evaluate.add_argument("--root", help="image root for --pairs")
+    evaluate.add_argument("--occlude", action="append", default=None,
+                          help="none | KIND:probe | KIND:both (repeatable; KIND e.g. niqab or niqab+mask)")
+    evaluate.add_argument("--occluders", default=None, help="RGBA overlay folder (default: procedural occluders)")
+    evaluate.add_argument("--occluded-list", default=None, help="file of relative paths of really occluded faces")
+    evaluate.add_argument("--pairs-per-type", type=int, default=600, help="pairs per occlusion spec for --folder")
+    evaluate.add_argument("--identification", action="store_true", help="also closed-set rank-1/rank-5 (--folder)")
+    evaluate.add_argument("--fusion-weight", type=float, default=0.5, help="weight of the embedding in the fused score")
+    evaluate.add_argument("--out", default="occface-eval", help="report folder")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.set_defaults(run=_eval)
+
+    matcher = commands.add_parser("match", help="score two aligned faces and draw their correspondences")
+    matcher.add_argument("first")
+    matcher.add_argument("second")
+    matcher.add_argument("--model", required=True)
+    matcher.add_argument("--out", default=None, help="picture path (default: beside the first image)")
+    matcher.set_defaults(run=_match)
 
     train = commands.add_parser("train", help="multi-task training from a YAML config")
     train.add_argument("--config", required=True, help="YAML file (see configs/)")

@@ -32,7 +32,9 @@ class DataSection:
     source: str = "procedural"  # procedural | folder | recordio | occlusion
     path: str | None = None
     identities: list[str] | None = None  # folder: restrict to these identity folders
-    split_file: str | None = None  # JSON with a "train" list of identities (e.g. faces112_split.json)
+    split_file: str | None = None  # JSON with "train" (and "test": validation) identities, e.g. faces112_split.json
+    extra_paths: list[str] = field(default_factory=list)  # more identity folders, merged by identity name
+    recursive: bool = False  # take images in sub-folders of each identity folder (CFP: frontal/, profile/)
     extra_occlusion_path: str | None = None  # real occluded faces with masks (manifest), merged by identity
     procedural_identities: int = 40
     procedural_images: int = 16

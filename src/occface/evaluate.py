@@ -71,8 +71,11 @@ def extract_features(model: OccFaceModel, dataset: Dataset, batch_size: int = 64
                     torch.cat(parts["mask"]) if keep_masks else None)
 
 
-def pair_scores(model: OccFaceModel, features: Features, pairs: np.ndarray, fusion_weight: float = 0.5) -> dict[str, np.ndarray]:
-    """Scores of every source for pairs [N, 2] of feature indices."""
+def pair_scores(model: OccFaceModel, features: Features, pairs: np.ndarray, fusion_weight: float = 0.5,
+                normalization: dict | None = None) -> dict[str, np.ndarray]:
+    """Scores of every source for pairs [N, 2] of feature indices. ``fused`` z-scores the
+    embedding and weighted-QAConv scores with ``normalization`` ({source: [mean, std]}) if given,
+    otherwise with their mean and std over these pairs."""
     left, right = torch.as_tensor(pairs[:, 0]), torch.as_tensor(pairs[:, 1])
     qaconv = model.qaconv.cpu().eval()
     scores = {
@@ -81,12 +84,20 @@ def pair_scores(model: OccFaceModel, features: Features, pairs: np.ndarray, fusi
         "qaconv_weighted": qaconv.score_pairs(features.feature_map[left], features.feature_map[right],
                                               features.occlusion[left], features.occlusion[right]).numpy(),
     }
-
-    def z(values: np.ndarray) -> np.ndarray:
-        return (values - values.mean()) / (values.std() + 1e-12)
-
-    scores["fused"] = fusion_weight * z(scores["embedding"]) + (1 - fusion_weight) * z(scores["qaconv_weighted"])
+    stats = normalization or fusion_normalization(scores)
+    scores["fused"] = fuse(scores["embedding"], scores["qaconv_weighted"], stats, fusion_weight)
     return scores
+
+
+def fusion_normalization(scores: dict[str, np.ndarray]) -> dict[str, list[float]]:
+    """Mean and std of the two fused sources over a score set."""
+    return {k: [float(np.mean(scores[k])), float(np.std(scores[k]) + 1e-12)] for k in ("embedding", "qaconv_weighted")}
+
+
+def fuse(embedding: np.ndarray, qaconv_weighted: np.ndarray, normalization: dict, weight: float = 0.5) -> np.ndarray:
+    """weight * z(embedding) + (1 - weight) * z(weighted QAConv)."""
+    (em, es), (qm, qs) = normalization["embedding"], normalization["qaconv_weighted"]
+    return weight * (np.asarray(embedding) - em) / es + (1 - weight) * (np.asarray(qaconv_weighted) - qm) / qs
 
 
 def pair_types(occluded: np.ndarray, pairs: np.ndarray) -> np.ndarray:
@@ -96,11 +107,18 @@ def pair_types(occluded: np.ndarray, pairs: np.ndarray) -> np.ndarray:
 
 
 def _best_threshold(scores: np.ndarray, issame: np.ndarray) -> float:
-    candidates = np.unique(scores)
-    if len(candidates) > 2000:
-        candidates = np.quantile(scores, np.linspace(0, 1, 2001))
-    accuracy = [((scores >= t) == issame).mean() for t in candidates]
-    return float(candidates[int(np.argmax(accuracy))])
+    """The accuracy-maximising threshold, taken midway between neighbouring scores."""
+    values = np.unique(scores)
+    if len(values) > 2001:
+        values = np.unique(np.quantile(scores, np.linspace(0, 1, 2001)))
+    candidates = np.concatenate([[values[0] - 1e-6], (values[:-1] + values[1:]) / 2, [values[-1] + 1e-6]])
+    order = np.argsort(scores)
+    sorted_same = issame[order]
+    # accuracy(t) = positives at or above t + negatives below t, from cumulative counts.
+    below = np.searchsorted(scores[order], candidates, side="left")
+    negatives_below = np.concatenate([[0], np.cumsum(~sorted_same)])[below]
+    positives_above = sorted_same.sum() - np.concatenate([[0], np.cumsum(sorted_same)])[below]
+    return float(candidates[int(np.argmax(negatives_below + positives_above))])
 
 
 def verification_metrics(scores: np.ndarray, issame: np.ndarray, folds: np.ndarray | None = None,
@@ -243,43 +261,62 @@ def visibility_grid(images: torch.Tensor, predicted: torch.Tensor, masks: torch.
     return path
 
 
-class _VariantDataset:
-    """Base images, some with a synthesised occluder (deterministic per item)."""
+class VariantDataset:
+    """Images of a base dataset, each optionally with a synthesised occluder (deterministic per
+    item). A face counts as occluded when an occluder was synthesised on it, when its ground-truth
+    mask has occluded pixels, or when its name is in ``occluded_names``."""
 
-    def __init__(self, base, variants: list[tuple[int, bool]], synthesizer, seed: int) -> None:
+    def __init__(self, base, variants: list[tuple[int, bool]], synthesizer=None, seed: int = 0,
+                 names: list[str] | None = None, occluded_names: set[str] | None = None) -> None:
+        if synthesizer is None and any(occlude for _, occlude in variants):
+            raise ValueError("occluded variants need an OcclusionSynthesizer")
         self.base, self.variants, self.synthesizer, self.seed = base, variants, synthesizer, seed
+        self.names, self.occluded_names = names, occluded_names or set()
+
+    @property
+    def color_space(self) -> str:
+        return self.base.color_space
 
     def __len__(self) -> int:
         return len(self.variants)
 
     def __getitem__(self, item: int) -> FaceSample:
-        from .data.images import resize_image, to_model_input
+        from .data.images import resize_image, resize_mask, to_model_input
 
         index, occlude = self.variants[item]
         raw = self.base.read(index)
         image = resize_image(raw.image, self.base.input_size)
-        mask = np.ones(image.shape[:2], np.float32)
+        size = self.base.input_size
+        mask = np.ones((size, size), np.float32) if raw.mask is None else resize_mask(raw.mask, size, size)
         if occlude:
-            image, mask, _ = self.synthesizer(image, np.random.default_rng((self.seed, item)))
-        mask_tensor = torch.from_numpy(np.array(mask, np.float32))[None]
-        return FaceSample(to_model_input(image, self.base.color_space), raw.label, mask_tensor, bool(occlude))
+            image, visibility, _ = self.synthesizer(image, np.random.default_rng((self.seed, item)))
+            mask = mask * visibility
+        listed = self.names is not None and self.names[index] in self.occluded_names
+        occluded = bool(occlude or (mask < 0.5).any() or listed)
+        return FaceSample(to_model_input(image, self.base.color_space), raw.label,
+                          torch.from_numpy(np.array(mask, np.float32))[None], occluded)
+
+
+OCCLUDE_SIDES = {"none": (False, False), "probe": (False, True), "both": (True, True)}
 
 
 @dataclass
 class OcclusionPairs:
-    """Verification pairs drawn from an identity dataset, with occluders synthesised on the second
-    face (occluded-clean) or on both (occluded-occluded). ``dataset`` holds each image variant once;
-    ``pairs`` index it."""
+    """Verification pairs over a :class:`VariantDataset` (each image variant once); ``pairs``
+    index it. The first face of a pair is the gallery side, the second the probe side: an
+    occluder "on the probe" goes on the second face, as in the LFW-with-niqab protocol."""
 
-    dataset: _VariantDataset
+    dataset: VariantDataset
     pairs: np.ndarray
     issame: np.ndarray
-    types: np.ndarray
+    types: np.ndarray  # the intended pair type; the evaluated type comes from the faces' flags
+    folds: np.ndarray | None = None
 
     @classmethod
     def build(cls, base, synthesizer, pairs_per_type: int, seed: int = 0,
               types: tuple[str, ...] = ("occluded-occluded", "occluded-clean", "clean-clean")) -> "OcclusionPairs":
-        """Half same-identity, half different-identity pairs of each type (fixed seed)."""
+        """Pairs drawn from an identity dataset: half same-identity, half different-identity of each
+        type (fixed seed)."""
         rng = np.random.default_rng((seed, 7))
         targets = np.asarray(base.targets)
         by_label = {label: np.flatnonzero(targets == label) for label in np.unique(targets[targets >= 0])}
@@ -287,32 +324,51 @@ class OcclusionPairs:
         labels = list(by_label)
         if not multi or len(labels) < 2:
             raise ValueError("pairs need an identity with two images and at least two identities")
+        base_pairs, issame = [], []
+        for k in range(pairs_per_type):
+            if k % 2 == 0:
+                base_pairs.append(rng.choice(by_label[multi[rng.integers(len(multi))]], size=2, replace=False))
+            else:
+                first, second = rng.choice(len(labels), size=2, replace=False)
+                base_pairs.append((rng.choice(by_label[labels[first]]), rng.choice(by_label[labels[second]])))
+            issame.append(k % 2 == 0)
+        sides = {"occluded-occluded": "both", "occluded-clean": "probe", "clean-clean": "none"}
+        return cls.from_pairs(base, np.asarray(base_pairs, np.int64), np.asarray(issame, bool), None,
+                              [sides[t] for t in types], synthesizer, seed)
+
+    @classmethod
+    def from_pairs(cls, base, pairs: np.ndarray, issame: np.ndarray, folds: np.ndarray | None,
+                   sides: list[str], synthesizer=None, seed: int = 0, names: list[str] | None = None,
+                   occluded_names: set[str] | None = None) -> "OcclusionPairs":
+        """The given pairs once per entry of ``sides`` ("none", "probe" or "both")."""
         variants: dict[tuple[int, bool], int] = {}
-        pairs, issame, kinds = [], [], []
-        for pair_type in types:
-            occlude = {"occluded-occluded": (True, True), "occluded-clean": (False, True), "clean-clean": (False, False)}[pair_type]
-            for k in range(pairs_per_type):
-                if k % 2 == 0:
-                    members = by_label[multi[rng.integers(len(multi))]]
-                    a, b = rng.choice(members, size=2, replace=False)
-                else:
-                    first, second = rng.choice(len(labels), size=2, replace=False)
-                    a, b = rng.choice(by_label[labels[first]]), rng.choice(by_label[labels[second]])
-                ids = [variants.setdefault((int(x), o), len(variants)) for x, o in ((a, occlude[0]), (b, occlude[1]))]
-                pairs.append(ids)
-                issame.append(k % 2 == 0)
-                kinds.append(pair_type)
-        dataset = _VariantDataset(base, list(variants), synthesizer, seed)
-        return cls(dataset, np.asarray(pairs, np.int64), np.asarray(issame, bool), np.asarray(kinds))
+        all_pairs, all_same, all_types, all_folds = [], [], [], []
+        kind = {"none": "clean-clean", "probe": "occluded-clean", "both": "occluded-occluded"}
+        for side in sides:
+            if side not in OCCLUDE_SIDES:
+                raise ValueError(f"unknown occlusion side {side!r}; expected one of {sorted(OCCLUDE_SIDES)}")
+            first, second = OCCLUDE_SIDES[side]
+            for a, b in pairs:
+                all_pairs.append([variants.setdefault((int(a), first), len(variants)),
+                                  variants.setdefault((int(b), second), len(variants))])
+            all_same.append(issame)
+            all_types += [kind[side]] * len(pairs)
+            if folds is not None:
+                all_folds.append(folds)
+        dataset = VariantDataset(base, list(variants), synthesizer, seed, names, occluded_names)
+        return cls(dataset, np.asarray(all_pairs, np.int64).reshape(-1, 2), np.concatenate(all_same),
+                   np.asarray(all_types), np.concatenate(all_folds) if folds is not None else None)
 
 
 def evaluate_occlusion_pairs(model: OccFaceModel, pairs: OcclusionPairs, batch_size: int = 64,
                              device: str | torch.device = "cpu", fusion_weight: float = 0.5,
-                             keep_masks: bool = False) -> tuple[dict, dict[str, np.ndarray], Features]:
-    """Metrics of every source and pair type on synthesised occlusion pairs, the raw scores and features."""
-    features = extract_features(model, pairs.dataset, batch_size, device, keep_masks=keep_masks)
+                             keep_masks: bool = False, progress: bool = False) -> tuple[dict, dict[str, np.ndarray], Features]:
+    """Metrics of every source and pair type, the raw scores and the features. Pair types come
+    from the faces' occluded flags."""
+    features = extract_features(model, pairs.dataset, batch_size, device, keep_masks=keep_masks, progress=progress)
     scores = pair_scores(model, features, pairs.pairs, fusion_weight)
-    return evaluate_pairs(scores, pairs.issame, pairs.types), scores, features
+    pairs.types = pair_types(features.occluded.numpy(), pairs.pairs)
+    return evaluate_pairs(scores, pairs.issame, pairs.types, pairs.folds), scores, features
 
 
 def visibility_statistics(features: Features) -> dict:
@@ -348,11 +404,12 @@ def write_report(out_dir: str | Path, metrics: dict, scores: dict[str, np.ndarra
     chosen = np.concatenate([occluded[: grid_faces * 3 // 4], clean[: grid_faces // 4]])
     samples = [pairs.dataset[int(i)] for i in chosen]
     visibility_grid(torch.stack([s.image for s in samples]), features.occlusion[chosen],
-                    torch.stack([s.mask for s in samples]), pairs.dataset.base.color_space,
+                    torch.stack([s.mask for s in samples]), pairs.dataset.color_space,
                     out_dir / "visibility_grid.png", columns=4)
     lines = [f"# {title}", "", "Verification accuracy (10-fold) by score source and pair type:", "",
              summary_table(metrics), "", "TAR at FAR 1e-2:", "", summary_table(metrics, "tar@far=1e-2"), "",
-             "ROC AUC:", "", summary_table(metrics, "auc"), "", "Predicted visibility:", ""]
+             "ROC AUC:", "", summary_table(metrics, "auc"), "", "EER:", "", summary_table(metrics, "eer"), "",
+             "Predicted visibility:", ""]
     lines += [f"- {key}: {'—' if value is None else f'{value:.3f}'}" for key, value in visibility.items()]
     if extra:
         lines += ["", "Run:", ""] + [f"- {key}: {value}" for key, value in extra.items()]
@@ -360,3 +417,142 @@ def write_report(out_dir: str | Path, metrics: dict, scores: dict[str, np.ndarra
               "visibility map, its ground-truth mask; white = visible)."]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     return out_dir
+
+
+def plot_histograms(scores: dict[str, np.ndarray], issame: np.ndarray, path: str | Path) -> Path:
+    """Score histograms of same- and different-identity pairs, one panel per source."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(scores), figsize=(3.6 * len(scores), 3.2), squeeze=False)
+    for axis, (source, values) in zip(axes[0], scores.items()):
+        bins = np.linspace(values.min(), values.max(), 40)
+        axis.hist(values[issame], bins=bins, alpha=0.6, label="same identity")
+        axis.hist(values[~issame], bins=bins, alpha=0.6, label="different")
+        axis.set_title(source)
+    axes[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def identification(model: OccFaceModel, gallery: Features, probe: Features, gallery_labels: np.ndarray,
+                   probe_labels: np.ndarray, ranks: tuple[int, ...] = (1, 5), fusion_weight: float = 0.5,
+                   progress: bool = False) -> dict:
+    """Closed-set identification: for each probe, is its identity's gallery face among the top-k
+    scores? ``{source: {"rank-1": .., "rank-5": .., "probes": n, "gallery": m}}``. QAConv scores come
+    from the memory-bounded ``score_all``."""
+    qaconv = model.qaconv.cpu().eval()
+    matrices = {
+        "embedding": (probe.embedding @ gallery.embedding.T).numpy(),
+        "qaconv": qaconv.score_all(probe.feature_map, gallery.feature_map, progress=progress).numpy(),
+        "qaconv_weighted": qaconv.score_all(probe.feature_map, gallery.feature_map, probe.occlusion, gallery.occlusion,
+                                            progress=progress).numpy(),
+    }
+    matrices["fused"] = fuse(matrices["embedding"], matrices["qaconv_weighted"], fusion_normalization(matrices), fusion_weight)
+    result = {}
+    for source, matrix in matrices.items():
+        order = np.argsort(-matrix, axis=1)
+        hits = gallery_labels[order] == probe_labels[:, None]
+        result[source] = {f"rank-{k}": float(hits[:, :k].any(axis=1).mean()) for k in ranks}
+        result[source].update(probes=int(len(probe_labels)), gallery=int(len(gallery_labels)))
+    return result
+
+
+def parse_occlusion_specs(specs: list[str]) -> tuple[list[str], list[str]]:
+    """``["none", "niqab:probe", "niqab+mask:both"]`` -> (sides, occluder kinds). All specs that
+    occlude must name the same kinds."""
+    sides, kinds = [], None
+    for spec in specs or ["none"]:
+        if spec == "none":
+            sides.append("none")
+            continue
+        kind_text, sep, side = spec.partition(":")
+        if not sep or side not in ("probe", "both"):
+            raise ValueError(f"--occlude {spec!r}: expected none, KIND:probe or KIND:both (KIND e.g. niqab or niqab+mask)")
+        spec_kinds = kind_text.split("+")
+        if kinds is not None and spec_kinds != kinds:
+            raise ValueError("all --occlude specs must use the same occluder kinds")
+        kinds = spec_kinds
+        sides.append(side)
+    return sides, kinds or []
+
+
+def run_eval(model_dir: str | Path, out_dir: str | Path, *, pairs_file: str | Path | None = None,
+             root: str | Path | None = None, bin_file: str | Path | None = None, folder: str | Path | None = None,
+             occlude: list[str] | None = None, occluders: str | Path | None = None,
+             occluded_list: str | Path | None = None, pairs_per_type: int = 600, identification_split: bool = False,
+             fusion_weight: float = 0.5, batch_size: int = 64, seed: int = 0, device: str = "cpu",
+             progress: bool = True) -> dict:
+    """The ``occface eval`` command: verification (and optionally identification) with every
+    score source, written to ``out_dir`` (metrics.json, report.md, roc.png, histograms.png,
+    visibility_grid.png)."""
+    from .data import OcclusionSynthesizer
+    from .data.tools import open_dataset
+    from .data.verification import ImageListDataset, read_bin, read_pairs_txt
+
+    model = OccFaceModel.from_pretrained(model_dir)
+    sides, kinds = parse_occlusion_specs(occlude or ["none"])
+    synthesizer = OcclusionSynthesizer.from_directory(occluders, kinds) if kinds else None
+    listed = set()
+    if occluded_list:
+        listed = {line.strip() for line in Path(occluded_list).read_text().splitlines() if line.strip()}
+    common = dict(color_space=model.color_space, input_size=model.config.input_size)
+    identification_result = None
+    if folder is not None:
+        base = open_dataset(folder, **common)
+        paths = getattr(base, "paths", None) or getattr(base, "image_paths", None)
+        names = [str(Path(p).relative_to(folder)) for p in paths] if paths else None
+        types = tuple({"none": "clean-clean", "probe": "occluded-clean", "both": "occluded-occluded"}[s] for s in sides)
+        pairs = OcclusionPairs.build(base, synthesizer, pairs_per_type, seed, types)
+        pairs.dataset.names, pairs.dataset.occluded_names = names, listed
+        source_name = str(folder)
+        if identification_split:
+            targets = np.asarray(base.targets)
+            first = {}
+            for index, label in enumerate(targets):
+                if label >= 0:
+                    first.setdefault(int(label), index)
+            gallery_index = sorted(first.values())
+            probe_index = [i for i in range(len(targets)) if targets[i] >= 0 and i not in set(gallery_index)]
+            probe_side = next((s for s in sides if s != "none"), "none")
+            gallery = VariantDataset(base, [(i, probe_side == "both") for i in gallery_index], synthesizer, seed + 1, names, listed)
+            probes = VariantDataset(base, [(i, probe_side != "none") for i in probe_index], synthesizer, seed + 2, names, listed)
+            identification_result = identification(
+                model, extract_features(model, gallery, batch_size, device, progress=progress),
+                extract_features(model, probes, batch_size, device, progress=progress),
+                targets[gallery_index], targets[probe_index], fusion_weight=fusion_weight, progress=progress)
+    else:
+        if bin_file is not None:
+            pair_set = read_bin(bin_file)
+        elif pairs_file is not None:
+            if root is None:
+                raise ValueError("--pairs needs --root, the folder the pairs file's names refer to")
+            pair_set = read_pairs_txt(pairs_file, root)
+        else:
+            raise ValueError("give --pairs with --root, --bin or --folder")
+        base = ImageListDataset(pair_set.images, **common)
+        pairs = OcclusionPairs.from_pairs(base, pair_set.pairs, pair_set.issame, pair_set.folds, sides, synthesizer,
+                                          seed, pair_set.image_names, listed)
+        source_name = str(bin_file or pairs_file)
+    metrics, scores, features = evaluate_occlusion_pairs(model, pairs, batch_size, device, fusion_weight,
+                                                         keep_masks=True, progress=progress)
+    out_dir = Path(out_dir)
+    write_report(out_dir, metrics, scores, pairs, features, f"occface eval: {source_name}",
+                 {"model": str(model_dir), "occlusion": ", ".join(occlude or ["none"]), "pairs": len(pairs.issame)})
+    plot_histograms(scores, pairs.issame, out_dir / "histograms.png")
+    result = json.loads((out_dir / "metrics.json").read_text())
+    if identification_result is not None:
+        result["identification"] = identification_result
+        write_metrics(result, out_dir / "metrics.json")
+        with (out_dir / "report.md").open("a") as handle:
+            handle.write("\nClosed-set identification (gallery: first image of each identity):\n\n"
+                         "| source | rank-1 | rank-5 | probes | gallery |\n|---|---|---|---|---|\n")
+            for source, values in identification_result.items():
+                handle.write(f"| {source} | {100 * values['rank-1']:.1f}% | {100 * values['rank-5']:.1f}% | "
+                             f"{values['probes']} | {values['gallery']} |\n")
+    return result

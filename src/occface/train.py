@@ -30,7 +30,7 @@ from .data import (ConcatFaceDataset, FaceDataset, IdentityBalancedSampler, Imag
                    OcclusionSynthesizer, ProceduralFaceDataset, ProceduralFaces, RecordIODataset, SynthesizeOcclusion,
                    adaface_augmentation)
 from .data.transforms import Compose
-from .evaluate import OcclusionPairs, evaluate_occlusion_pairs, threshold_at_far, visibility_grid
+from .evaluate import OcclusionPairs, evaluate_occlusion_pairs, fusion_normalization, threshold_at_far, visibility_grid
 from .losses import LossWeights, MarginHead, QAConvPairLoss, occlusion_loss
 from .models.checkpoint import load_adaface_checkpoint
 from .models.occface import ModelConfig, OccFaceModel
@@ -97,15 +97,25 @@ def build_data(config: Config) -> DataBundle:
     elif data.source == "folder":
         if data.path is None:
             raise ValueError("data.source=folder needs data.path")
-        names = data.identities
+        names, held_out = data.identities, None
         if data.split_file:
-            names = json.loads(Path(data.split_file).read_text())["train"]
+            split = json.loads(Path(data.split_file).read_text())
+            names, held_out = split["train"], split.get("test")
         if names is None:
             names = sorted(p.name for p in Path(data.path).iterdir() if p.is_dir())
         keep = len(names) - train.val_identities
-        dataset = ImageFolderDataset(data.path, identities=names[:keep], transform=transform, **common)
-        if train.val_identities:
-            holdout = ImageFolderDataset(data.path, identities=names[keep:], **common)
+        if train.val_identities or held_out is None:
+            held_out = names[keep:] or None
+        else:
+            keep = len(names)
+        dataset = ImageFolderDataset(data.path, identities=names[:keep], transform=transform,
+                                     recursive=data.recursive, **common)
+        if held_out:
+            holdout = ImageFolderDataset(data.path, identities=held_out, recursive=data.recursive, **common)
+        if data.extra_paths:
+            extra = [ImageFolderDataset(path, transform=transform, recursive=data.recursive, **common)
+                     for path in data.extra_paths]
+            dataset = ConcatFaceDataset([dataset, *extra])
     elif data.source == "recordio":
         if data.path is None:
             raise ValueError("data.source=recordio needs data.path (the .rec file)")
@@ -387,6 +397,8 @@ class Trainer:
             pairs = self.data.validation
             model.config.calibration = {
                 source: {"far": 0.01, "threshold": threshold_at_far(values, pairs.issame, 0.01)}
-                for source, values in self._scores.items() if source != "fused"
+                for source, values in self._scores.items()
             }
+            model.config.calibration["normalization"] = fusion_normalization(self._scores)
+            model.config.calibration["fusion_weight"] = 0.5
         model.save_pretrained(self.out_dir / "model")

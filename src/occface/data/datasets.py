@@ -106,10 +106,11 @@ def _identity_index(names: Sequence[str]) -> tuple[list[str], dict[str, int]]:
 
 class ImageFolderDataset(FaceDataset):
     """``<root>/<identity>/<image>``: one folder per identity; the class count is the number of
-    identity folders that hold images. ``identities`` restricts to (and orders by) a given list."""
+    identity folders that hold images. ``identities`` restricts to (and orders by) a given list;
+    ``recursive`` also takes images in sub-folders of an identity (e.g. CFP's frontal/ and profile/)."""
 
     def __init__(self, root: str | Path, *, identities: Sequence[str] | None = None,
-                 validate: bool = True, **kwargs) -> None:
+                 validate: bool = True, recursive: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         self.root = Path(root)
         if not self.root.is_dir():
@@ -124,7 +125,8 @@ class ImageFolderDataset(FaceDataset):
         self.paths: list[Path] = []
         labels: list[str] = []
         for folder in folders:
-            files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+            candidates = folder.rglob("*") if recursive else folder.iterdir()
+            files = sorted(p for p in candidates if p.is_file() and is_image_file(p))
             self.paths += files
             labels += [folder.name] * len(files)
         if not self.paths:
@@ -266,7 +268,15 @@ class ConcatFaceDataset(FaceDataset):
         for dataset in self.datasets:
             dataset.set_epoch(epoch)
 
-    def __getitem__(self, index: int) -> FaceSample:
+    def _locate(self, index: int) -> tuple[FaceDataset, int]:
         which = int(np.searchsorted(self.offsets, index, side="right") - 1)
-        sample = self.datasets[which][index - int(self.offsets[which])]
-        return sample._replace(label=self.targets[index])
+        return self.datasets[which], index - int(self.offsets[which])
+
+    def read(self, index: int) -> RawSample:
+        dataset, local = self._locate(index)
+        raw = dataset.read(local)
+        return RawSample(raw.image, raw.mask, self.targets[index])
+
+    def __getitem__(self, index: int) -> FaceSample:
+        dataset, local = self._locate(index)
+        return dataset[local]._replace(label=self.targets[index])

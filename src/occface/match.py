@@ -1,0 +1,85 @@
+"""``occface match A B --model DIR``: every score source for one pair of aligned faces, a decision
+at the model's calibrated threshold, and a picture of the visible regions and correspondences."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data.errors import DataError
+from .data.images import read_image, to_model_input
+from .evaluate import fuse
+from .models.occface import OccFaceModel
+
+
+def read_aligned_face(path: str | Path, size: int) -> np.ndarray:
+    image = read_image(path)
+    if image.shape[:2] != (size, size):
+        raise DataError(f"{path}: expected a face aligned to the {size}x{size} ArcFace template (5-point "
+                        f"similarity alignment, eyes near (38, 52) and (74, 52)); got {image.shape[1]}x{image.shape[0]}")
+    return image
+
+
+@torch.inference_mode()
+def match(model: OccFaceModel, first: np.ndarray, second: np.ndarray, top: int = 12) -> dict:
+    """Scores, decisions and the strongest visible-to-visible correspondences of two aligned faces."""
+    model.eval()
+    batch = torch.stack([to_model_input(first, model.color_space), to_model_input(second, model.color_space)])
+    out = model(batch)
+    flipped = model.backbone(batch.flip(3))
+    embedding = torch.nn.functional.normalize(out.embedding * out.norm + flipped.embedding * flipped.norm, dim=1)
+    maps, occ = out.feature_map, out.occlusion
+    scores = {
+        "embedding": float(embedding[0] @ embedding[1]),
+        "qaconv": float(model.qaconv.score_pairs(maps[:1], maps[1:])[0]),
+        "qaconv_weighted": float(model.qaconv.score_pairs(maps[:1], maps[1:], occ[:1], occ[1:])[0]),
+    }
+    calibration = model.config.calibration
+    if "normalization" in calibration:
+        scores["fused"] = float(fuse(scores["embedding"], scores["qaconv_weighted"], calibration["normalization"],
+                                     calibration.get("fusion_weight", 0.5)))
+    decisions = {source: scores[source] >= calibration[source]["threshold"]
+                 for source in scores if isinstance(calibration.get(source), dict)}
+    # Strongest weighted location pairs: correlation x O_first[i] x O_second[j].
+    a = model.qaconv.prepare(maps[:1], occ[:1])[0]
+    b = model.qaconv.prepare(maps[1:], occ[1:])[0]
+    corr = a @ b.T  # [HW first, HW second]
+    values, flat = corr.flatten().topk(min(top, corr.numel()))
+    side = maps.shape[-1]
+    pairs = [(int(i) // corr.shape[1], int(i) % corr.shape[1], float(v)) for i, v in zip(flat, values)]
+    return {"scores": scores, "decisions": decisions, "calibration": calibration, "correspondences": pairs,
+            "visibility": [occ[0, 0].numpy(), occ[1, 0].numpy()], "map_side": side}
+
+
+def draw_match(first: np.ndarray, second: np.ndarray, result: dict, path: str | Path, scale: int = 3) -> Path:
+    """Both faces (scaled up), each beside its visibility map, with lines for the correspondences."""
+    from PIL import Image, ImageDraw
+
+    size = first.shape[0] * scale
+    side = result["map_side"]
+
+    def panel(face: np.ndarray, visibility: np.ndarray) -> Image.Image:
+        big = Image.fromarray(face).resize((size, size), Image.BICUBIC)
+        heat = Image.fromarray((np.clip(visibility, 0, 1) * 255).astype(np.uint8)).resize((size, size), Image.NEAREST)
+        shade = Image.merge("RGB", (heat.point(lambda v: 255 - v), heat, Image.new("L", heat.size, 0)))
+        return Image.blend(big, shade, 0.35)
+
+    gap = 40
+    canvas = Image.new("RGB", (2 * size + gap, size + 30), "white")
+    canvas.paste(panel(first, result["visibility"][0]), (0, 0))
+    canvas.paste(panel(second, result["visibility"][1]), (size + gap, 0))
+    draw = ImageDraw.Draw(canvas)
+    cell = size / side
+    strongest = max((v for _, _, v in result["correspondences"]), default=1.0) or 1.0
+    for i, j, value in result["correspondences"]:
+        start = ((i % side + 0.5) * cell, (i // side + 0.5) * cell)
+        end = (size + gap + (j % side + 0.5) * cell, (j // side + 0.5) * cell)
+        strength = max(0.0, value / strongest)
+        draw.line([start, end], fill=(int(255 * strength), 60, int(255 * (1 - strength))), width=2)
+    text = "  ".join(f"{k}: {v:.3f}" for k, v in result["scores"].items())
+    draw.text((4, size + 8), text, fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path

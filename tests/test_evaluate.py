@@ -1,0 +1,145 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import write_png
+from occface.cli import main
+from occface.data import DataError, OcclusionDataset, ProceduralFaceDataset, ProceduralFaces
+from occface.evaluate import (Features, OcclusionPairs, identification, parse_occlusion_specs, threshold_at_far,
+                              verification_metrics)
+from occface.match import read_aligned_face
+from occface.models.occface import ModelConfig, OccFaceModel
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    torch.manual_seed(0)
+    model = OccFaceModel(ModelConfig(arch="ir_18", width=0.125, occlusion_hidden_channels=8))
+    model.config.calibration = {"embedding": {"far": 0.01, "threshold": 0.5}}
+    return model.eval().save_pretrained(tmp_path / "model")
+
+
+def test_verification_metrics_on_separable_scores():
+    issame = np.array([True, False] * 50)
+    scores = np.where(issame, 1.0, 0.0) + np.linspace(0, 0.1, 100)
+    metrics = verification_metrics(scores, issame)
+    assert metrics["accuracy"] == 1.0 and metrics["auc"] == 1.0 and metrics["eer"] == 0.0
+    assert metrics["tar@far=1e-1"] == 1.0
+    assert metrics["tar@far=1e-2"] is None and "tar@far=1e-2 not measurable with 50 negative pairs" in metrics["notes"]
+
+
+def test_verification_accuracy_uses_thresholds_from_other_folds():
+    rng = np.random.default_rng(0)
+    issame = rng.random(600) < 0.5
+    scores = issame + rng.normal(0, 0.5, 600)
+    folds = np.repeat(np.arange(10), 60)
+    metrics = verification_metrics(scores, issame, folds)
+    best_possible = max(((scores >= t) == issame).mean() for t in np.unique(scores))
+    assert 0.75 < metrics["accuracy"] <= best_possible
+    assert metrics["pairs"] == 600 and 0.0 < metrics["eer"] < 0.4
+
+
+def test_threshold_at_far_bounds_false_accepts():
+    rng = np.random.default_rng(1)
+    issame = rng.random(2000) < 0.5
+    scores = rng.normal(size=2000) + issame
+    threshold = threshold_at_far(scores, issame, 0.01)
+    assert (scores[~issame] >= threshold).mean() <= 0.01
+
+
+def test_occlusion_specs():
+    assert parse_occlusion_specs(["none", "niqab:probe", "niqab:both"]) == (["none", "probe", "both"], ["niqab"])
+    assert parse_occlusion_specs(["niqab+mask:probe"]) == (["probe"], ["niqab", "mask"])
+    with pytest.raises(ValueError, match="expected none, KIND:probe or KIND:both"):
+        parse_occlusion_specs(["niqab:left"])
+    with pytest.raises(ValueError, match="same occluder kinds"):
+        parse_occlusion_specs(["niqab:probe", "mask:both"])
+
+
+def test_pairs_from_a_protocol_with_occlusion_sides():
+    from occface.data import OcclusionSynthesizer
+
+    base = ProceduralFaceDataset(ProceduralFaces(3, 2, seed=0))
+    pairs = OcclusionPairs.from_pairs(base, np.array([[0, 1], [2, 4]]), np.array([True, False]), np.array([0, 1]),
+                                      ["none", "probe", "both"], OcclusionSynthesizer(kinds=["niqab"]))
+    assert pairs.pairs.shape == (6, 2) and pairs.folds.tolist() == [0, 1] * 3
+    assert pairs.types.tolist() == ["clean-clean"] * 2 + ["occluded-clean"] * 2 + ["occluded-occluded"] * 2
+    flags = [pairs.dataset[i].occluded for i in range(len(pairs.dataset))]
+    assert len(flags) == 8  # 4 clean images + 1,4 occluded (probe) + 0,2 occluded (both)
+    assert sum(flags) == 4
+
+
+def test_real_masks_and_occluded_lists_mark_faces_occluded(tmp_path):
+    root = tmp_path / "occ"
+    write_png(root / "a.png", np.zeros((112, 112, 3), np.uint8))
+    write_png(root / "b.png", np.zeros((112, 112, 3), np.uint8))
+    write_png(root / "c.png", np.zeros((112, 112, 3), np.uint8))
+    mask = np.full((112, 112), 255, np.uint8)
+    mask[60:] = 0
+    write_png(root / "a_mask.png", mask)
+    (root / "manifest.csv").write_text("image,mask,identity\na.png,a_mask.png,p\nb.png,,p\nc.png,,q\n")
+    base = OcclusionDataset(root)
+    pairs = OcclusionPairs.from_pairs(base, np.array([[0, 1], [1, 2]]), np.array([True, False]), None, ["none"],
+                                      names=["a.png", "b.png", "c.png"], occluded_names={"c.png"})
+    assert [pairs.dataset[i].occluded for i in range(3)] == [True, False, True]
+
+
+def test_identification_ranks():
+    torch.manual_seed(0)
+    model = OccFaceModel(ModelConfig(arch="ir_18", width=0.125, occlusion_hidden_channels=8)).eval()
+    maps = torch.randn(4, 64, 7, 7)
+    embedding = torch.nn.functional.normalize(torch.randn(4, 512), dim=1)
+    gallery = Features(embedding, maps, torch.ones(4, 1, 7, 7), torch.zeros(4, dtype=torch.bool))
+    noisy = torch.nn.functional.normalize(embedding + 0.05 * torch.randn(4, 512), dim=1)
+    probe = Features(noisy, maps + 0.05 * torch.randn_like(maps), torch.ones(4, 1, 7, 7), torch.zeros(4, dtype=torch.bool))
+    result = identification(model, gallery, probe, np.arange(4), np.arange(4), ranks=(1, 3))
+    assert result["embedding"]["rank-1"] == 1.0 and result["qaconv"]["rank-3"] == 1.0
+    assert result["embedding"]["probes"] == 4 and result["embedding"]["gallery"] == 4
+
+
+def test_eval_command_on_an_lfw_style_protocol(tmp_path, tiny_model_dir, capsys):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "lfw"
+    for name, count in (("Ann_Lee", 3), ("Bo_Kim", 2), ("Cy_Ng", 2)):
+        for number in range(1, count + 1):
+            path = root / name / f"{name}_{number:04d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(path)
+    (tmp_path / "pairs.txt").write_text("2 2\nAnn_Lee 1 2\nBo_Kim 1 2\nAnn_Lee 1 Bo_Kim 1\nCy_Ng 1 Ann_Lee 3\n"
+                                        "Ann_Lee 2 3\nCy_Ng 1 2\nBo_Kim 2 Cy_Ng 2\nAnn_Lee 3 Cy_Ng 1\n")
+    out = tmp_path / "report"
+    assert main(["eval", "--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.txt"), "--root", str(root),
+                 "--occlude", "none", "--occlude", "niqab:probe", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["embedding"]["clean-clean"]["pairs"] == 8 and metrics["fused"]["occluded-clean"]["pairs"] == 8
+    assert "occluded-occluded" not in metrics["qaconv"]
+    for name in ("report.md", "roc.png", "histograms.png", "visibility_grid.png"):
+        assert (out / name).is_file()
+    assert "| qaconv_weighted |" in capsys.readouterr().out
+
+
+def test_eval_command_with_identification_on_a_folder(tmp_path, tiny_model_dir, capsys):
+    ProceduralFaces(4, 3, seed=1).write(tmp_path / "faces")
+    assert main(["eval", "--model", str(tiny_model_dir), "--folder", str(tmp_path / "faces"), "--occlude",
+                 "mask:probe", "--pairs-per-type", "10", "--identification", "--out", str(tmp_path / "r")]) == 0
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["identification"]["fused"]["probes"] == 8 and metrics["identification"]["fused"]["gallery"] == 4
+    assert "rank-1" in capsys.readouterr().out
+
+
+def test_match_command(tmp_path, tiny_model_dir, capsys):
+    ProceduralFaces(2, 2, seed=2).write(tmp_path / "faces")
+    first, second = tmp_path / "faces" / "id_0000" / "0000.png", tmp_path / "faces" / "id_0001" / "0001.png"
+    assert main(["match", str(first), str(second), "--model", str(tiny_model_dir), "--out", str(tmp_path / "m.png")]) == 0
+    out = capsys.readouterr().out
+    assert "embedding" in out and "threshold 0.500 at FAR 0.01" in out and "decision (embedding)" in out
+    assert Image.open(tmp_path / "m.png").size[0] > 224
+
+
+def test_match_rejects_unaligned_images(tmp_path):
+    write_png(tmp_path / "big.png", np.zeros((250, 250, 3), np.uint8))
+    with pytest.raises(DataError, match=r"big.png: expected a face aligned to the 112x112 ArcFace template.*got 250x250"):
+        read_aligned_face(tmp_path / "big.png", 112)
