@@ -82,8 +82,8 @@ def build_data(config: Config) -> DataBundle:
     """Training dataset (with occlusion synthesis and AdaFace augmentation) and validation pairs."""
     data, train = config.data, config.train
     synthesizer = OcclusionSynthesizer.from_directory(data.occluders, data.occlusion_kinds)
-    transform = Compose([SynthesizeOcclusion(synthesizer, data.occlusion_probability),
-                         adaface_augmentation(data.flip, data.crop, data.low_res, data.photometric)])
+    augment = adaface_augmentation(data.flip, data.crop, data.low_res, data.photometric)
+    transform = Compose([SynthesizeOcclusion(synthesizer, data.occlusion_probability), augment])  # clean faces
     common = dict(color_space=config.model.color_space, input_size=config.model.input_size, seed=train.seed)
     holdout: FaceDataset | None = None
     if data.source == "procedural":
@@ -123,11 +123,11 @@ def build_data(config: Config) -> DataBundle:
     elif data.source == "occlusion":
         if data.path is None:
             raise ValueError("data.source=occlusion needs data.path")
-        dataset = OcclusionDataset(data.path, transform=adaface_augmentation(data.flip, data.crop, data.low_res, data.photometric), **common)
+        dataset = OcclusionDataset(data.path, transform=augment, **common)  # real masks: no synthesis
     else:
         raise ValueError(f"unknown data.source {data.source!r}; expected procedural, folder, recordio or occlusion")
     if data.extra_occlusion_path:
-        extra = OcclusionDataset(data.extra_occlusion_path, transform=adaface_augmentation(data.flip, data.crop, data.low_res, data.photometric), **common)
+        extra = OcclusionDataset(data.extra_occlusion_path, transform=augment, **common)
         dataset = ConcatFaceDataset([dataset, extra])
     validation = None
     if holdout is not None:

@@ -175,9 +175,9 @@ class OcclusionDataset(FaceDataset):
             if mask_path is None or not mask_path.is_file():
                 continue  # clean face, or a missing mask already reported
             try:
-                mask_width, mask_height = image_size(mask_path)
+                mask_width, mask_height = image_size(mask_path, "mask")
             except DataError as error:
-                problems.append(str(error).replace("corrupt image", "corrupt mask"))
+                problems.append(str(error))
                 continue
             if abs(mask_width / mask_height - width / height) > 0.01:
                 problems.append(f"{mask_path}: mask is {mask_width}x{mask_height} but its image {image_path.name} "

@@ -9,6 +9,8 @@ Masks are ``float32`` arrays ``[H, W]`` in [0, 1], 1 = visible, read from 8-bit 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +27,22 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _open(source: str | Path | bytes, what: str) -> Image.Image:
-    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+@contextmanager
+def _reading(name: str, what: str) -> Iterator[None]:
+    """Turn a missing or undecodable file into a DataError naming it."""
     try:
-        image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
-        image.load()
+        yield
     except FileNotFoundError as error:
         raise DataError(f"{name}: {what} file not found") from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise DataError(f"{name}: unreadable or corrupt {what} ({error})") from error
+
+
+def _open(source: str | Path | bytes, what: str) -> Image.Image:
+    encoded = isinstance(source, (bytes, bytearray))
+    with _reading("<bytes>" if encoded else str(source), what):
+        image = Image.open(io.BytesIO(source) if encoded else source)
+        image.load()
     return image
 
 
@@ -43,24 +52,19 @@ def read_image(source: str | Path | bytes) -> np.ndarray:
 
 
 def read_mask(source: str | Path | bytes) -> np.ndarray:
-    """Decode a visibility mask to ``float32 [H, W]`` in [0, 1] (1 = visible). A mask with an
-    alpha channel and no colour is read from its alpha; otherwise from its luminance."""
+    """Decode a visibility mask to ``float32 [H, W]`` in [0, 1] (1 = visible) from its grey level
+    (a colour mask is converted to luminance; an alpha channel is ignored)."""
     image = _open(source, "mask")
     if image.mode == "LA":
         image = image.getchannel("L")
     return np.array(image.convert("L"), dtype=np.float32) / 255.0
 
 
-def image_size(path: str | Path) -> tuple[int, int]:
+def image_size(path: str | Path, what: str = "image") -> tuple[int, int]:
     """(width, height) from the file header, checking that the file is a decodable image."""
-    try:
-        with Image.open(path) as image:
-            size = image.size
-            image.verify()
-    except FileNotFoundError as error:
-        raise DataError(f"{path}: file not found") from error
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"{path}: unreadable or corrupt image ({error})") from error
+    with _reading(str(path), what), Image.open(path) as image:
+        size = image.size
+        image.verify()
     return size
 
 
