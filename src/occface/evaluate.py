@@ -12,6 +12,7 @@ it (at least 1/FAR; otherwise the entry is None and ``notes`` says why).
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import dataclass
@@ -77,7 +78,7 @@ def pair_scores(model: OccFaceModel, features: Features, pairs: np.ndarray, fusi
     embedding and weighted-QAConv scores with ``normalization`` ({source: [mean, std]}) if given,
     otherwise with their mean and std over these pairs."""
     left, right = torch.as_tensor(pairs[:, 0]), torch.as_tensor(pairs[:, 1])
-    qaconv = model.qaconv.cpu().eval()
+    qaconv = cpu_matcher(model)
     scores = {
         "embedding": (features.embedding[left] * features.embedding[right]).sum(1).numpy(),
         "qaconv": qaconv.score_pairs(features.feature_map[left], features.feature_map[right]).numpy(),
@@ -87,6 +88,12 @@ def pair_scores(model: OccFaceModel, features: Features, pairs: np.ndarray, fusi
     stats = normalization or fusion_normalization(scores)
     scores["fused"] = fuse(scores["embedding"], scores["qaconv_weighted"], stats, fusion_weight)
     return scores
+
+
+def cpu_matcher(model: OccFaceModel):
+    """An eval-mode CPU copy of the model's QAConv (features are kept on the CPU), leaving the
+    model itself where and as it is (e.g. on a GPU, in training mode)."""
+    return copy.deepcopy(model.qaconv).cpu().eval()
 
 
 def fusion_normalization(scores: dict[str, np.ndarray]) -> dict[str, list[float]]:
@@ -446,7 +453,7 @@ def identification(model: OccFaceModel, gallery: Features, probe: Features, gall
     """Closed-set identification: for each probe, is its identity's gallery face among the top-k
     scores? ``{source: {"rank-1": .., "rank-5": .., "probes": n, "gallery": m}}``. QAConv scores come
     from the memory-bounded ``score_all``."""
-    qaconv = model.qaconv.cpu().eval()
+    qaconv = cpu_matcher(model)
     matrices = {
         "embedding": (probe.embedding @ gallery.embedding.T).numpy(),
         "qaconv": qaconv.score_all(probe.feature_map, gallery.feature_map, progress=progress).numpy(),
