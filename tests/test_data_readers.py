@@ -6,7 +6,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_png
 from occface.data import (DataError, DataProblems, ImageFolderDataset, ImageListDataset, RecordIODataset, read_bin,
                           read_pairs_txt, to_model_input)
 from occface.data.images import from_model_input
