@@ -1,3 +1,4 @@
+import io
 import pickle
 import struct
 
@@ -6,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import write_png
 from occface.data import (DataError, DataProblems, ImageFolderDataset, ImageListDataset, RecordIODataset, read_bin,
                           read_pairs_txt, to_model_input)
 from occface.data.images import from_model_input
-import io
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -167,3 +168,18 @@ def test_lfw_style_pairs_txt_with_any_extension(tmp_path):
         read_pairs_txt(tmp_path / "broken.txt", root)
     assert "broken.txt:1:" in str(error.value) and "Ann_Lee_0003.*: image not found" in str(error.value)
     assert "broken.txt:2: expected 'name i j'" in str(error.value)
+
+
+def test_nested_identity_folders(tmp_path):
+    from occface.data.tools import check_data
+
+    rng = np.random.default_rng(3)
+    for person in ("001", "002"):
+        for pose in ("frontal", "profile"):
+            write_png(tmp_path / "cfp" / person / pose / "01.jpg".replace(".jpg", ".png"),
+                      rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))
+    (tmp_path / "cfp" / "Protocol").mkdir()
+    (tmp_path / "cfp" / "Protocol" / "pairs.txt").write_text("1 2\n")
+    assert len(ImageFolderDataset(tmp_path / "cfp", recursive=True)) == 4
+    report = check_data(tmp_path / "cfp")
+    assert report.summary == {"identities": 2, "images": 4} and not report.problems

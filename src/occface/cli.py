@@ -123,7 +123,7 @@ def _match(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="occface", description=__doc__)
+    parser = argparse.ArgumentParser(prog="occface", description="occface: occlusion-aware face recognition")
     parser.add_argument("--version", action="version", version=f"occface {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)

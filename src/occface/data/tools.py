@@ -85,7 +85,8 @@ def open_dataset(path: str | Path, **kwargs) -> FaceDataset:
     if layout == "recordio":
         return RecordIODataset(path if path.is_file() else path / "train.rec", **kwargs)
     if layout == "image-folder":
-        return ImageFolderDataset(path, **kwargs)
+        nested = any(q.is_dir() for p in path.iterdir() if p.is_dir() for q in p.iterdir())
+        return ImageFolderDataset(path, recursive=nested, **kwargs)  # nested: e.g. CFP's frontal/, profile/
     raise DataError(f"{path}: a verification set, not a face dataset")
 
 
