@@ -92,6 +92,7 @@ def test_non_finite_losses_skip_the_update_then_stop_the_run(tmp_path, monkeypat
     assert trainer.skipped == 4
 
 
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before:UserWarning")
 def test_a_skipped_step_leaves_the_weights_alone(tmp_path, monkeypatch):
     trainer = Trainer(tiny_config(tmp_path, "train.max_steps=1"))
     original = MultiTaskModule.forward
