@@ -12,10 +12,9 @@ from importlib import resources
 from pathlib import Path
 
 from .config import load_config
-from .data import OcclusionSynthesizer, ProceduralFaceDataset, ProceduralFaces
 from .evaluate import OcclusionPairs, evaluate_occlusion_pairs, summary_table, write_report
 from .models.occface import OccFaceModel
-from .train import Trainer
+from .train import Trainer, build_data
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +30,14 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, eval_pairs: in
     config = load_config(default_config_path(), [f"train.out_dir={out / 'run'}", *(overrides or [])])
     summary = Trainer(config).fit()
     model = OccFaceModel.from_pretrained(out / "run" / "model")
-    data = config.data
-    faces = ProceduralFaces(data.procedural_identities, data.procedural_images, data.procedural_seed, config.model.input_size)
-    held_out = list(range(data.procedural_identities - config.train.val_identities, data.procedural_identities))
-    base = ProceduralFaceDataset(faces, held_out, color_space=config.model.color_space)
-    synthesizer = OcclusionSynthesizer.from_directory(data.occluders, data.occlusion_kinds)
-    pairs = OcclusionPairs.build(base, synthesizer, eval_pairs, seed=config.train.seed + 2)
+    data = build_data(config)  # the same split and occluders as training; only the held-out part is used
+    pairs = OcclusionPairs.build(data.holdout, data.synthesizer, eval_pairs, seed=config.train.seed + 2)
     metrics, scores, features = evaluate_occlusion_pairs(model, pairs, keep_masks=True)
     extra = {
         "config": str(out / "run" / "config.yaml"),
         "model": f"{config.model.arch} width {config.model.width}, {config.model.feature_level} maps",
         "training": f"{summary['steps']} steps, {summary['images_per_second']:.1f} images/s, {summary['seconds']:.0f} s",
-        "held-out identities": len(held_out),
+        "held-out identities": data.holdout.num_classes,
         "total time": f"{time.perf_counter() - started:.0f} s",
     }
     report = write_report(out / "report", metrics, scores, pairs, features, "occface demo: procedural faces, held-out identities", extra)

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data.datasets import FaceSample
+from .data.datasets import FaceDataset, FaceSample, RawSample
+from .data.images import resize_image, resize_mask
 from .models.occface import OccFaceModel
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,7 @@ def extract_features(model: OccFaceModel, dataset: Dataset, batch_size: int = 64
         batch: FaceSample
         images = batch.image.to(device)
         out = model(images)
-        flipped = model.backbone(images.flip(3))
-        fused = out.embedding * out.norm + flipped.embedding * flipped.norm
-        parts["embedding"].append(torch.nn.functional.normalize(fused, dim=1).cpu())
+        parts["embedding"].append(model.fused_embedding(images, out).cpu())
         parts["feature_map"].append(out.feature_map.cpu())
         parts["occlusion"].append(out.occlusion.cpu())
         parts["occluded"].append(batch.occluded)
@@ -247,7 +246,7 @@ def visibility_grid(images: torch.Tensor, predicted: torch.Tensor, masks: torch.
     """PNG grid: each face, its predicted visibility map and (if given) the ground truth, upsampled."""
     from PIL import Image
 
-    from .data.images import from_model_input
+    from .data.images import from_model_input, tile_grid
 
     size = images.shape[-1]
     tiles = []
@@ -259,49 +258,44 @@ def visibility_grid(images: torch.Tensor, predicted: torch.Tensor, masks: torch.
             up = torch.nn.functional.interpolate(visibility[None].float(), size=(size, size), mode="nearest")[0, 0]
             row.append(np.repeat((up.clamp(0, 1).numpy() * 255).astype(np.uint8)[:, :, None], 3, axis=2))
         tiles.append(np.concatenate(row, axis=1))
-    while len(tiles) % columns:
-        tiles.append(np.zeros_like(tiles[0]))
-    grid = np.concatenate([np.concatenate(tiles[i : i + columns], axis=1) for i in range(0, len(tiles), columns)], axis=0)
+    grid = tile_grid(tiles, columns)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(path)
     return path
 
 
-class VariantDataset:
+class VariantDataset(FaceDataset):
     """Images of a base dataset, each optionally with a synthesised occluder (deterministic per
     item). A face counts as occluded when an occluder was synthesised on it, when its ground-truth
     mask has occluded pixels, or when its name is in ``occluded_names``."""
 
-    def __init__(self, base, variants: list[tuple[int, bool]], synthesizer=None, seed: int = 0,
+    def __init__(self, base: FaceDataset, variants: list[tuple[int, bool]], synthesizer=None, seed: int = 0,
                  names: list[str] | None = None, occluded_names: set[str] | None = None) -> None:
         if synthesizer is None and any(occlude for _, occlude in variants):
             raise ValueError("occluded variants need an OcclusionSynthesizer")
-        self.base, self.variants, self.synthesizer, self.seed = base, variants, synthesizer, seed
+        super().__init__(base.color_space, base.input_size, seed=seed)
+        self.base, self.variants, self.synthesizer = base, variants, synthesizer
         self.names, self.occluded_names = names, occluded_names or set()
+        self.identities = base.identities
+        self.targets = [base.targets[index] for index, _ in variants]
+        self.occluded_flags = [occlude for _, occlude in variants]
 
-    @property
-    def color_space(self) -> str:
-        return self.base.color_space
-
-    def __len__(self) -> int:
-        return len(self.variants)
-
-    def __getitem__(self, item: int) -> FaceSample:
-        from .data.images import resize_image, resize_mask, to_model_input
-
+    def read(self, item: int) -> RawSample:
         index, occlude = self.variants[item]
         raw = self.base.read(index)
-        image = resize_image(raw.image, self.base.input_size)
-        size = self.base.input_size
+        if not occlude:
+            return raw
+        image = resize_image(raw.image, self.input_size)
+        size = self.input_size
         mask = np.ones((size, size), np.float32) if raw.mask is None else resize_mask(raw.mask, size, size)
-        if occlude:
-            image, visibility, _ = self.synthesizer(image, np.random.default_rng((self.seed, item)))
-            mask = mask * visibility
+        image, visibility, _ = self.synthesizer(image, np.random.default_rng((self.seed, item)))
+        return RawSample(image, mask * visibility, raw.label)
+
+    def is_occluded(self, item: int, mask: torch.Tensor) -> bool:
+        index, occlude = self.variants[item]
         listed = self.names is not None and self.names[index] in self.occluded_names
-        occluded = bool(occlude or (mask < 0.5).any() or listed)
-        return FaceSample(to_model_input(image, self.base.color_space), raw.label,
-                          torch.from_numpy(np.array(mask, np.float32))[None], occluded)
+        return bool(occlude or listed or super().is_occluded(item, mask))
 
 
 OCCLUDE_SIDES = {"none": (False, False), "probe": (False, True), "both": (True, True)}
@@ -525,7 +519,8 @@ def run_eval(model_dir: str | Path, out_dir: str | Path, *, pairs_file: str | Pa
                 if label >= 0:
                     first.setdefault(int(label), index)
             gallery_index = sorted(first.values())
-            probe_index = [i for i in range(len(targets)) if targets[i] >= 0 and i not in set(gallery_index)]
+            in_gallery = set(gallery_index)
+            probe_index = [i for i in range(len(targets)) if targets[i] >= 0 and i not in in_gallery]
             probe_side = next((s for s in sides if s != "none"), "none")
             gallery = VariantDataset(base, [(i, probe_side == "both") for i in gallery_index], synthesizer, seed + 1, names, listed)
             probes = VariantDataset(base, [(i, probe_side != "none") for i in probe_index], synthesizer, seed + 2, names, listed)

@@ -27,8 +27,7 @@ def match(model: OccFaceModel, first: np.ndarray, second: np.ndarray, top: int =
     model.eval()
     batch = torch.stack([to_model_input(first, model.color_space), to_model_input(second, model.color_space)])
     out = model(batch)
-    flipped = model.backbone(batch.flip(3))
-    embedding = torch.nn.functional.normalize(out.embedding * out.norm + flipped.embedding * flipped.norm, dim=1)
+    embedding = model.fused_embedding(batch, out)
     maps, occ = out.feature_map, out.occlusion
     scores = {
         "embedding": float(embedding[0] @ embedding[1]),

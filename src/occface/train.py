@@ -74,8 +74,13 @@ class MultiTaskModule(nn.Module):
 
 @dataclass
 class DataBundle:
+    """The training dataset, the held-out identities (if any), the validation pairs drawn from
+    them, and the occlusion synthesizer both use."""
+
     train: FaceDataset
+    holdout: FaceDataset | None
     validation: OcclusionPairs | None
+    synthesizer: OcclusionSynthesizer
 
 
 def build_data(config: Config) -> DataBundle:
@@ -132,7 +137,7 @@ def build_data(config: Config) -> DataBundle:
     validation = None
     if holdout is not None:
         validation = OcclusionPairs.build(holdout, synthesizer, train.val_pairs, seed=train.seed + 1)
-    return DataBundle(dataset, validation)
+    return DataBundle(dataset, holdout, validation, synthesizer)
 
 
 def parameter_groups(module: MultiTaskModule, config: Config) -> list[dict]:

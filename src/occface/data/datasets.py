@@ -96,7 +96,11 @@ class FaceDataset(Dataset, abc.ABC):
             image, mask = self.transform(image, mask, rng)
         mask_tensor = torch.from_numpy(np.array(mask, dtype=np.float32))[None]
         return FaceSample(to_model_input(image, self.color_space), raw.label, mask_tensor,
-                          bool((mask_tensor < 0.5).any()))
+                          self.is_occluded(index, mask_tensor))
+
+    def is_occluded(self, index: int, mask: torch.Tensor) -> bool:
+        """Whether sample ``index`` counts as occluded: by default, when its mask hides pixels."""
+        return bool((mask < 0.5).any())
 
 
 def _identity_index(names: Sequence[str]) -> tuple[list[str], dict[str, int]]:

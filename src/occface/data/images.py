@@ -97,3 +97,9 @@ def from_model_input(tensor: torch.Tensor, color_space: str) -> np.ndarray:
     """Inverse of :func:`to_model_input`: ``[3, H, W]`` in [-1, 1] -> ``uint8 [H, W, 3]`` RGB."""
     image = ((tensor.detach().float().cpu() * 0.5 + 0.5).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     return np.ascontiguousarray(image[:, :, ::-1] if check_color_space(color_space) == "BGR" else image)
+
+
+def tile_grid(tiles: list[np.ndarray], columns: int) -> np.ndarray:
+    """Equal-sized uint8 tiles [h, w, 3] laid out ``columns`` to a row (the last row padded black)."""
+    tiles = list(tiles) + [np.zeros_like(tiles[0])] * (-len(tiles) % columns)
+    return np.concatenate([np.concatenate(tiles[i : i + columns], axis=1) for i in range(0, len(tiles), columns)], axis=0)

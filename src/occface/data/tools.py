@@ -12,7 +12,7 @@ from PIL import Image
 
 from .datasets import FaceDataset, ImageFolderDataset, OcclusionDataset
 from .errors import DataError, DataProblems
-from .images import read_image, read_mask, resize_image, resize_mask
+from .images import read_image, read_mask, resize_image, resize_mask, tile_grid
 from .recordio import RecordIODataset
 from .synth import DEFAULT_KINDS, OcclusionSynthesizer
 from .verification import read_bin
@@ -173,10 +173,7 @@ def contact_sheet(path: str | Path, out: str | Path, count: int = 48, columns: i
         edge[:, 1:] |= binary[:, 1:] != binary[:, :-1]
         overlay[edge] = (255, 255, 0)
         tiles.append(np.concatenate([image, overlay.clip(0, 255).astype(np.uint8)], axis=1))
-    while len(tiles) % columns:
-        tiles.append(np.zeros_like(tiles[0]))
-    rows = [np.concatenate(tiles[i : i + columns], axis=1) for i in range(0, len(tiles), columns)]
-    sheet = np.concatenate(rows, axis=0)
+    sheet = tile_grid(tiles, columns)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(sheet).save(out)

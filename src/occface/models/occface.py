@@ -61,6 +61,14 @@ class OccFaceModel(nn.Module):
         out = self.backbone(images)
         return OccFaceOutput(out.embedding, out.norm, out.feature_map, self.occlusion_head(out.feature_map))
 
+    def fused_embedding(self, images: torch.Tensor, out: OccFaceOutput | None = None) -> torch.Tensor:
+        """AdaFace's flip-and-norm fusion: embeddings of the images and of their mirror images,
+        each weighted by its norm, summed and re-normalised -> [B, 512]. ``out`` reuses a forward
+        pass already made on ``images``."""
+        out = out if out is not None else self(images)
+        flipped = self.backbone(images.flip(3))
+        return torch.nn.functional.normalize(out.embedding * out.norm + flipped.embedding * flipped.norm, dim=1)
+
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json`` and ``model.safetensors`` (each atomically) to ``directory``."""
         from safetensors.torch import save_file
