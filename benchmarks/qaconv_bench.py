@@ -90,7 +90,7 @@ def einsum_scores(qaconv: QAConv, probe, gallery, probe_occ, gallery_occ, chunk_
     """Straightforward formulation 1: one einsum per probe chunk against the whole gallery."""
     a = qaconv.prepare(probe, probe_occ).transpose(1, 2)  # [P, C, HW]
     b = qaconv.prepare(gallery, gallery_occ).transpose(1, 2)  # [G, C, HW]
-    weight, bias = qaconv._eval_affine()
+    weight, _, bias = qaconv._eval_affine()  # visibility_fc is zero in a fresh matcher
     hw = qaconv.num_locations
     step = max(1, chunk_elements // (b.shape[0] * hw * hw))
     out = []
@@ -107,7 +107,7 @@ def conv2d_scores(qaconv: QAConv, probe, gallery, probe_occ, gallery_occ, chunk_
     hw = h * w
     a = qaconv.prepare(probe, probe_occ)  # [P, HW, C]
     b = qaconv.prepare(gallery, gallery_occ).transpose(1, 2).reshape(-1, channels, h, w)  # [G, C, H, W]
-    weight, bias = qaconv._eval_affine()
+    weight, _, bias = qaconv._eval_affine()  # visibility_fc is zero in a fresh matcher
     probe_step = min(num_probe, 64)
     gallery_step = max(1, chunk_elements // (probe_step * hw * hw))
     out = torch.empty(num_probe, b.shape[0], device=probe.device)

@@ -12,6 +12,7 @@ def make_matcher(channels=32, side=7, seed=0, eval_mode=True):
     with torch.no_grad():
         qaconv.fc.weight.normal_(0.0, 0.05)
         qaconv.fc.bias.fill_(0.3)
+        qaconv.visibility_fc.weight.normal_(0.0, 0.5)
         for bn, mean, var in ((qaconv.bn, 0.2, 0.05), (qaconv.logit_bn, -0.4, 2.5)):
             bn.weight.fill_(1.3)
             bn.bias.fill_(-0.1)
@@ -35,7 +36,11 @@ def reference_scores(qaconv, probe, gallery, probe_occ=None, gallery_occ=None):
         corr = corr * o_p.reshape(1, num_p, hw, 1) * o_g.reshape(num_g, 1, 1, hw)
     pooled = torch.cat((corr.max(dim=2)[0], corr.max(dim=3)[0]), dim=-1)  # [g, p, 2hw]
     score = qaconv.bn(pooled.view(-1, 1, 2 * hw)).view(-1, 2 * hw)
-    score = qaconv.logit_bn(qaconv.fc(score))
+    # occface's visibility term: the head also sees [O_g, O_p] for each pair (ones without maps)
+    o_p = torch.ones(num_p, hw) if probe_occ is None else probe_occ.reshape(num_p, hw)
+    o_g = torch.ones(num_g, hw) if gallery_occ is None else gallery_occ.reshape(num_g, hw)
+    visibility = torch.cat((o_g[:, None].expand(num_g, num_p, hw), o_p[None].expand(num_g, num_p, hw)), dim=-1)
+    score = qaconv.logit_bn(qaconv.fc(score) + qaconv.visibility_fc(visibility.reshape(-1, 2 * hw)))
     return score.view(num_g, num_p).t()
 
 
@@ -188,6 +193,25 @@ def test_reset_parameters_and_running_stats():
     qaconv.reset_parameters()
     assert torch.allclose(qaconv.fc.weight, torch.full((1, 98), 1 / 98)) and qaconv.fc.bias.item() == 0
     assert torch.all(qaconv.bn.weight == 1) and torch.all(qaconv.logit_bn.bias == 0)
+    assert torch.all(qaconv.visibility_fc.weight == 0)
+
+
+def test_visibility_term_is_per_face_and_counts_hidden_locations_as_missing():
+    """The visibility term adds u . [O_g, O_p] to each logit: a per-face offset that cannot change
+    which gallery face a probe prefers when the gallery's maps are equal, and that is zero at reset."""
+    qaconv = make_matcher()
+    probe, gallery = features(3), features(4, seed=3)
+    probe_occ, gallery_occ = maps(3), torch.ones(4, 1, 7, 7)
+    with_term = qaconv(probe, gallery, probe_occ, gallery_occ)
+    with torch.no_grad():
+        saved = qaconv.visibility_fc.weight.clone()
+        qaconv.visibility_fc.weight.zero_()
+        without = qaconv(probe, gallery, probe_occ, gallery_occ)
+        qaconv.visibility_fc.weight.copy_(saved)
+    offset = with_term - without  # [P, G]: constant along each probe's row
+    torch.testing.assert_close(offset, offset[:, :1].expand_as(offset), atol=1e-5, rtol=0)
+    assert offset.abs().max() > 1e-3
+    assert torch.equal(with_term.argsort(dim=1), without.argsort(dim=1))
 
 
 @pytest.mark.parametrize("weighted", [False, True])

@@ -14,6 +14,14 @@ Score semantics follow QAConv (Liao & Shao, ECCV 2020; reference ``qaconv.py`` v
 5. ``bn`` (BatchNorm1d(1) over all 2HW values) -> ``fc`` (Linear(2HW, 1)) -> ``logit_bn``
    (BatchNorm1d(1)) gives one logit per pair: a ``[P, G]`` matrix.
 
+One addition to the reference: ``visibility_fc`` (Linear(2HW, 1), no bias, zero at start) adds
+``u . [O_g, O_p]`` to the logit before ``logit_bn``. With step 3 alone an occluded location's
+maximum drops to 0, which ``fc`` reads as a strong mismatch, and how strong depends on how much
+of each face the occlusion head saw; ``u_k = -w_k z_k`` learns each location's expected maximum
+``z_k``, so a hidden location counts as missing evidence instead. It is a per-face term (it
+cannot compare identities) and vanishes (a constant) when no maps are given; at zero, as in
+models saved before it existed, scores are exactly the reference's.
+
 ``forward`` is differentiable and meant for training batches; ``score_all`` scores large sets in
 memory-bounded blocks under inference mode and equals ``forward`` in eval mode.
 """
@@ -57,6 +65,7 @@ class QAConv(nn.Module):
         self.width = width
         self.bn = nn.BatchNorm1d(1)
         self.fc = nn.Linear(2 * height * width, 1)
+        self.visibility_fc = nn.Linear(2 * height * width, 1, bias=False)
         self.logit_bn = nn.BatchNorm1d(1)
         self.reset_parameters()
 
@@ -70,12 +79,14 @@ class QAConv(nn.Module):
 
     def reset_parameters(self) -> None:
         """BatchNorms to identity; ``fc`` to the plain mean of the 2HW maxima (weight 1/2HW, bias 0),
-        so an untrained matcher scores pairs by their average best-match similarity."""
+        so an untrained matcher scores pairs by their average best-match similarity;
+        ``visibility_fc`` to zero (the reference's scores)."""
         self.bn.reset_parameters()
         self.logit_bn.reset_parameters()
         with torch.no_grad():
             self.fc.weight.fill_(1.0 / (2 * self.num_locations))
             self.fc.bias.zero_()
+            self.visibility_fc.weight.zero_()
 
     # ------------------------------------------------------------------ training / small sets
     def forward(
@@ -99,8 +110,30 @@ class QAConv(nn.Module):
         maxima = self.location_maxima(a, b)  # [P, G, 2HW]
         num_probe, num_gallery = maxima.shape[:2]
         scores = self.bn(maxima.reshape(-1, 1, 2 * self.num_locations)).view(-1, 2 * self.num_locations)
-        scores = self.logit_bn(self.fc(scores))
-        return scores.view(num_probe, num_gallery)
+        gallery_term, probe_term = self.visibility_terms(probe, gallery, probe_occ, gallery_occ, self.visibility_fc.weight[0])
+        scores = self.fc(scores).view(num_probe, num_gallery) + probe_term[:, None] + gallery_term[None, :]
+        return self.logit_bn(scores.view(-1, 1)).view(num_probe, num_gallery)
+
+    def visibility_terms(
+        self,
+        probe: torch.Tensor,
+        gallery: torch.Tensor,
+        probe_occ: torch.Tensor | None,
+        gallery_occ: torch.Tensor | None,
+        weight: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-face parts of the visibility term: ([G], [P]) = (O_g . weight[:HW], O_p . weight[HW:]),
+        a missing map counting as fully visible. ``weight`` is [2HW] (``visibility_fc``'s, or its
+        eval-mode scaled copy)."""
+        hw = self.num_locations
+        weight = weight.to(probe.device, torch.float32)
+
+        def term(features: torch.Tensor, occ: torch.Tensor | None, w: torch.Tensor, name: str) -> torch.Tensor:
+            if occ is None:
+                return features.new_ones(features.shape[0], hw, dtype=torch.float32) @ w
+            return self._check_occ(occ, features, name).flatten(1) @ w
+
+        return term(gallery, gallery_occ, weight[:hw], "gallery"), term(probe, probe_occ, weight[hw:], "probe")
 
     def prepare(
         self,
@@ -186,11 +219,12 @@ class QAConv(nn.Module):
         if dtype != torch.float32 and device.type == "cpu":
             raise ValueError(f"score_all: {dtype} matmuls are for GPUs; on CPU use float32 (it is much faster there)")
         hw, channels = self.num_locations, self.num_features
-        weight, bias = (t.to(device) for t in self._eval_affine())
+        weight, visibility_weight, bias = (t.to(device) for t in self._eval_affine())
         gallery_weight, probe_weight = weight[:hw], weight[hw:]
 
         probe = probe.to(device)
         probe_occ = None if probe_occ is None else probe_occ.to(device)
+        probe_term = self.visibility_terms(probe, probe[:0], probe_occ, None, visibility_weight)[1] + bias
         num_probe = probe.shape[0]
         element_bytes = torch.finfo(dtype).bits // 8
         budget_elements = int(memory_budget_mb * 2**20) // element_bytes
@@ -218,14 +252,17 @@ class QAConv(nn.Module):
             chunks = tqdm(chunks, total=None if total is None else math.ceil(total / gallery_step),
                           desc="QAConv scoring", unit="chunk")
         for features, occ in chunks:
-            b = self.prepare(features.to(device), None if occ is None else occ.to(device), "gallery", gallery_buffer)
+            features, occ = features.to(device), None if occ is None else occ.to(device)
+            b = self.prepare(features, occ, "gallery", gallery_buffer)
+            gallery_term = self.visibility_terms(features[:0], features, None, occ, visibility_weight)[0]
             column = scores[:, done : done + b.shape[0]] if scores is not None else torch.empty(num_probe, b.shape[0], device=device)
             for start in range(0, num_probe, probe_step):
                 corr = self.correlations(a[start : start + probe_step], b, corr_buffer)
                 column[start : start + probe_step] = (
                     corr.amax(dim=1).float() @ gallery_weight
                     + (probe_weight @ corr.amax(dim=3).float())
-                    + bias
+                    + probe_term[start : start + probe_step, None]
+                    + gallery_term
                 )
             if scores is None:
                 columns.append(column)
@@ -249,18 +286,23 @@ class QAConv(nn.Module):
         if probe.shape[0] != gallery.shape[0]:
             raise ValueError(f"score_pairs needs as many probes as gallery faces, got {probe.shape[0]} and {gallery.shape[0]}")
         hw = self.num_locations
-        weight, bias = (t.to(probe.device) for t in self._eval_affine())
+        weight, visibility_weight, bias = (t.to(probe.device) for t in self._eval_affine())
         out = []
         for start in range(0, probe.shape[0], batch_size):
             end = start + batch_size
-            a = self.prepare(probe[start:end], None if probe_occ is None else probe_occ[start:end], "probe")
-            b = self.prepare(gallery[start:end], None if gallery_occ is None else gallery_occ[start:end], "gallery")
+            p_occ = None if probe_occ is None else probe_occ[start:end]
+            g_occ = None if gallery_occ is None else gallery_occ[start:end]
+            a = self.prepare(probe[start:end], p_occ, "probe")
+            b = self.prepare(gallery[start:end], g_occ, "gallery")
             corr = torch.bmm(a, b.transpose(1, 2))  # [n, HW probe, HW gallery]
-            out.append(corr.amax(dim=1) @ weight[:hw] + corr.amax(dim=2) @ weight[hw:] + bias)
+            gallery_term, probe_term = self.visibility_terms(probe[start:end], gallery[start:end], p_occ, g_occ,
+                                                             visibility_weight)
+            out.append(corr.amax(dim=1) @ weight[:hw] + corr.amax(dim=2) @ weight[hw:] + probe_term + gallery_term + bias)
         return torch.cat(out) if out else probe.new_zeros(0)
 
-    def _eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """In eval mode bn -> fc -> logit_bn is affine in the 2HW maxima: return (weight [2HW], bias [])."""
+    def _eval_affine(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """In eval mode the logit is affine in the 2HW maxima and the 2HW visibilities: return
+        (weight [2HW] on the maxima, weight [2HW] on [O_g, O_p], bias [])."""
 
         def scale_shift(bn: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
             if bn.running_mean is None or bn.running_var is None:
@@ -276,7 +318,8 @@ class QAConv(nn.Module):
         fc_weight = self.fc.weight.float().squeeze(0)
         weight = out_scale * in_scale * fc_weight
         bias = out_scale * (in_shift * fc_weight.sum() + self.fc.bias.float().squeeze()) + out_shift
-        return weight.detach(), bias.detach()
+        visibility_weight = out_scale * self.visibility_fc.weight.float().squeeze(0)
+        return weight.detach(), visibility_weight.detach(), bias.detach()
 
     def _gallery_chunks(
         self, gallery: torch.Tensor | Iterable[GalleryChunk], gallery_occ: torch.Tensor | None, step: int
