@@ -110,30 +110,20 @@ class QAConv(nn.Module):
         maxima = self.location_maxima(a, b)  # [P, G, 2HW]
         num_probe, num_gallery = maxima.shape[:2]
         scores = self.bn(maxima.reshape(-1, 1, 2 * self.num_locations)).view(-1, 2 * self.num_locations)
-        gallery_term, probe_term = self.visibility_terms(probe, gallery, probe_occ, gallery_occ, self.visibility_fc.weight[0])
+        u = self.visibility_fc.weight[0]
+        probe_term = self.visibility_term(probe, probe_occ, u[self.num_locations :], "probe")
+        gallery_term = self.visibility_term(gallery, gallery_occ, u[: self.num_locations], "gallery")
         scores = self.fc(scores).view(num_probe, num_gallery) + probe_term[:, None] + gallery_term[None, :]
         return self.logit_bn(scores.view(-1, 1)).view(num_probe, num_gallery)
 
-    def visibility_terms(
-        self,
-        probe: torch.Tensor,
-        gallery: torch.Tensor,
-        probe_occ: torch.Tensor | None,
-        gallery_occ: torch.Tensor | None,
-        weight: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-face parts of the visibility term: ([G], [P]) = (O_g . weight[:HW], O_p . weight[HW:]),
-        a missing map counting as fully visible. ``weight`` is [2HW] (``visibility_fc``'s, or its
-        eval-mode scaled copy)."""
-        hw = self.num_locations
-        weight = weight.to(probe.device, torch.float32)
-
-        def term(features: torch.Tensor, occ: torch.Tensor | None, w: torch.Tensor, name: str) -> torch.Tensor:
-            if occ is None:
-                return features.new_ones(features.shape[0], hw, dtype=torch.float32) @ w
-            return self._check_occ(occ, features, name).flatten(1) @ w
-
-        return term(gallery, gallery_occ, weight[:hw], "gallery"), term(probe, probe_occ, weight[hw:], "probe")
+    def visibility_term(self, features: torch.Tensor, occ: torch.Tensor | None, weight: torch.Tensor,
+                        name: str) -> torch.Tensor:
+        """One side's part of the visibility term: maps [B, 1, H, W] (None = fully visible) and that
+        side's half of the weights [HW] (``visibility_fc``'s, or its eval-mode copy) -> [B]."""
+        weight = weight.to(features.device, torch.float32)
+        if occ is None:
+            return features.new_ones(features.shape[0], self.num_locations, dtype=torch.float32) @ weight
+        return self._check_occ(occ, features, name).flatten(1) @ weight
 
     def prepare(
         self,
@@ -224,7 +214,7 @@ class QAConv(nn.Module):
 
         probe = probe.to(device)
         probe_occ = None if probe_occ is None else probe_occ.to(device)
-        probe_term = self.visibility_terms(probe, probe[:0], probe_occ, None, visibility_weight)[1] + bias
+        probe_term = self.visibility_term(probe, probe_occ, visibility_weight[hw:], "probe") + bias
         num_probe = probe.shape[0]
         element_bytes = torch.finfo(dtype).bits // 8
         budget_elements = int(memory_budget_mb * 2**20) // element_bytes
@@ -254,7 +244,7 @@ class QAConv(nn.Module):
         for features, occ in chunks:
             features, occ = features.to(device), None if occ is None else occ.to(device)
             b = self.prepare(features, occ, "gallery", gallery_buffer)
-            gallery_term = self.visibility_terms(features[:0], features, None, occ, visibility_weight)[0]
+            gallery_term = self.visibility_term(features, occ, visibility_weight[:hw], "gallery")
             column = scores[:, done : done + b.shape[0]] if scores is not None else torch.empty(num_probe, b.shape[0], device=device)
             for start in range(0, num_probe, probe_step):
                 corr = self.correlations(a[start : start + probe_step], b, corr_buffer)
@@ -295,8 +285,8 @@ class QAConv(nn.Module):
             a = self.prepare(probe[start:end], p_occ, "probe")
             b = self.prepare(gallery[start:end], g_occ, "gallery")
             corr = torch.bmm(a, b.transpose(1, 2))  # [n, HW probe, HW gallery]
-            gallery_term, probe_term = self.visibility_terms(probe[start:end], gallery[start:end], p_occ, g_occ,
-                                                             visibility_weight)
+            probe_term = self.visibility_term(probe[start:end], p_occ, visibility_weight[hw:], "probe")
+            gallery_term = self.visibility_term(gallery[start:end], g_occ, visibility_weight[:hw], "gallery")
             out.append(corr.amax(dim=1) @ weight[:hw] + corr.amax(dim=2) @ weight[hw:] + probe_term + gallery_term + bias)
         return torch.cat(out) if out else probe.new_zeros(0)
 
