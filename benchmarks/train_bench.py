@@ -4,7 +4,8 @@ For each model it times full multi-task steps (AdaFace + QAConv pair loss + occl
 forward, backward, SGD update) and AdaFace-only steps (backbone + margin head), on random
 P x K batches, and prints the overhead of the two extra tasks.
 
-    python benchmarks/train_bench.py                  # demo model, IR-50 block4, IR-50 block3 (CPU)
+    python benchmarks/train_bench.py                  # demo model (block4, block3), IR-50 block4, IR-50 block3 (CPU)
+    python benchmarks/train_bench.py --only demo
     python benchmarks/train_bench.py --device cuda --batch 128
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from occface.train import MultiTaskModule
 
 MODELS = {
     "demo (ir_18 x0.25, block4)": dict(arch="ir_18", width=0.25, feature_level="block4", occlusion_hidden_channels=32),
+    "demo (ir_18 x0.25, block3)": dict(arch="ir_18", width=0.25, feature_level="block3", occlusion_hidden_channels=32),
     "ir_50, block4 (7x7)": dict(arch="ir_50", width=1.0, feature_level="block4", occlusion_hidden_channels=128),
     "ir_50, block3 (14x14)": dict(arch="ir_50", width=1.0, feature_level="block3", occlusion_hidden_channels=128),
 }
@@ -45,6 +47,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=48, help="images per step (P x K with K = 4)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--only", default="", help="time only the models whose name contains this text")
     args = parser.parse_args()
     device = torch.device(args.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -52,6 +55,8 @@ def main() -> None:
     print(f"device {device}, batch {args.batch}, torch threads {torch.get_num_threads()}")
     print(f"{'model':<30} {'full step img/s':>16} {'AdaFace-only img/s':>19} {'overhead':>9}")
     for name, spec in MODELS.items():
+        if args.only not in name:
+            continue
         torch.manual_seed(0)
         model = OccFaceModel(ModelConfig(**spec)).to(device)
         module = MultiTaskModule(model, args.classes, config).to(device).train()

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from occface.models import QAConv
+from occface.models import qaconv as qaconv_module
 
 
 def make_matcher(channels=32, side=7, seed=0, eval_mode=True):
@@ -64,6 +65,25 @@ def test_matches_reference_semantics(side, eval_mode):
         expected = reference_scores(qaconv, probe, gallery)
     assert ours.shape == (5, 6)
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("block_elements", [1 << 20, 1000])
+@pytest.mark.parametrize("same", [False, True])
+def test_gradients_match_autograd_through_the_full_correlations(monkeypatch, block_elements, same):
+    """The lean backward (argmax routing, probe blocks in the forward, one max reduction when a
+    batch is scored against itself) gives the gradients that autograd gives through the dense
+    correlation tensor, for features and visibility maps."""
+    monkeypatch.setattr(qaconv_module, "CPU_BLOCK_ELEMENTS", block_elements)
+    qaconv = make_matcher(side=7, eval_mode=False)
+    probe, probe_occ = features(5).requires_grad_(), maps(5).requires_grad_()
+    gallery, gallery_occ = (probe, probe_occ) if same else (features(6, seed=3).requires_grad_(), maps(6, seed=4).requires_grad_())
+    weights = torch.randn(5, gallery.shape[0])
+    inputs = (probe, gallery, probe_occ, gallery_occ)
+    leaves = (probe, probe_occ) if same else inputs
+    ours = torch.autograd.grad((qaconv(*inputs) * weights).sum(), leaves)
+    expected = torch.autograd.grad((reference_scores(qaconv, *inputs) * weights).sum(), leaves)
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 def test_weighted_scores_match_weighting_the_correlations():

@@ -22,8 +22,9 @@ of each face the occlusion head saw; ``u_k = -w_k z_k`` learns each location's e
 cannot compare identities) and vanishes (a constant) when no maps are given; at zero, as in
 models saved before it existed, scores are exactly the reference's.
 
-``forward`` is differentiable and meant for training batches; ``score_all`` scores large sets in
-memory-bounded blocks under inference mode and equals ``forward`` in eval mode.
+``forward`` is differentiable and meant for training batches; its backward keeps only the winning
+location of each maximum, not the correlation tensor (:class:`LocationMaxima`). ``score_all``
+scores large sets in memory-bounded blocks under inference mode and equals ``forward`` in eval mode.
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ GalleryChunk = Union[torch.Tensor, tuple[torch.Tensor, Union[torch.Tensor, None]
 # On CPU a correlation block of about 1M elements (4 MB in fp32) stays in cache while it is reduced,
 # which keeps the matmul near peak; larger blocks spill to memory and run 20-30% slower.
 CPU_BLOCK_ELEMENTS = 1 << 20
+# On GPU the training forward's blocks are bounded by memory, not cache: 64M elements, 256 MB in float32.
+GPU_BLOCK_ELEMENTS = 1 << 26
 
 
 def _aligned(count: int, hw: int) -> int:
@@ -48,6 +51,72 @@ def _aligned(count: int, hw: int) -> int:
     7x7 faces: 127 GFLOP/s on a 2-core EPYC)."""
     multiple = 16 // math.gcd(hw, 16)
     return max(1, count - count % multiple if count >= multiple else count)
+
+
+class LocationMaxima(torch.autograd.Function):
+    """Location maxima ([P, HW, C] x [G, HW, C] -> [P, G, 2HW]) with a lean backward.
+
+    Plain autograd keeps the whole [P, HW, G, HW] correlation tensor for the backward of the
+    two max reductions and then builds a dense gradient of the same size: at 14x14 maps and a
+    batch of 48 faces that is 88M elements (354 MB) twice per step, and on CPU the memory traffic
+    costs more than the matmul itself. Only the 2HW winning location pairs of each face pair get
+    a gradient, so the forward pass computes the correlations in probe blocks, keeps just the
+    maxima and their argmax indices, and the backward pass routes the gradient through those
+    indices with one sparse [P*HW, G*HW] matrix (2 * P * G * HW non-zeros) times the features.
+    Ties go to one of the tied locations (plain autograd splits them), which only matters for
+    exactly equal correlations.
+
+    ``apply(a, b, same)``: with ``same=True`` (``b`` is ``a``, as in a training batch scored
+    against itself) the correlations are symmetric, so the probe maxima of pair (p, g) are the
+    gallery maxima of pair (g, p) and only one max reduction is computed.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, same: bool = False) -> torch.Tensor:  # type: ignore[override]
+        num_probe, hw, channels = a.shape
+        num_gallery = b.shape[0]
+        b_flat = b.reshape(-1, channels)
+        block = CPU_BLOCK_ELEMENTS if a.device.type == "cpu" else GPU_BLOCK_ELEMENTS
+        step = max(1, block // (hw * num_gallery * hw))
+        gallery_max, probe_max, probe_winner, gallery_winner = [], [], [], []
+        for start in range(0, num_probe, step):
+            rows = a[start : start + step]
+            corr = (rows.reshape(-1, channels) @ b_flat.T).view(rows.shape[0], hw, num_gallery, hw)
+            values, winners = corr.max(dim=1)  # [p, G, HW]: best probe location per gallery location
+            gallery_max.append(values)
+            probe_winner.append(winners)
+            if not same:
+                values, winners = corr.max(dim=3)  # [p, HW, G]: best gallery location per probe location
+                probe_max.append(values.transpose(1, 2))
+                gallery_winner.append(winners.transpose(1, 2))
+        gallery_max, probe_winner = torch.cat(gallery_max), torch.cat(probe_winner)
+        if same:
+            probe_max, gallery_winner = gallery_max.transpose(0, 1), probe_winner.transpose(0, 1)
+        else:
+            probe_max, gallery_winner = torch.cat(probe_max), torch.cat(gallery_winner)
+        ctx.save_for_backward(a, b, torch.cat((probe_winner, gallery_winner), dim=2))
+        return torch.cat((gallery_max, probe_max), dim=2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:  # type: ignore[override]
+        a, b, winners = ctx.saved_tensors  # winners: [P, G, 2HW] winning location on the other side
+        num_probe, hw, channels = a.shape
+        num_gallery = b.shape[0]
+        device = grad.device
+        p = torch.arange(num_probe, device=device).view(-1, 1, 1)
+        g = torch.arange(num_gallery, device=device).view(1, -1, 1)
+        loc = torch.arange(hw, device=device).view(1, 1, -1)
+        # Gallery maxima: (probe location = winner, gallery location = loc); probe maxima: the reverse.
+        rows = torch.cat(((p * hw + winners[..., :hw]).flatten(), (p * hw + loc).expand(num_probe, num_gallery, hw).flatten()))
+        cols = torch.cat(((g * hw + loc).expand(num_probe, num_gallery, hw).flatten(), (g * hw + winners[..., hw:]).flatten()))
+        work = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
+        values = torch.cat((grad[..., :hw].flatten(), grad[..., hw:].flatten())).to(work)
+        corr_grad = torch.sparse_coo_tensor(torch.stack((rows, cols)), values, (num_probe * hw, num_gallery * hw),
+                                            check_invariants=False)
+        grad_a = torch.sparse.mm(corr_grad, b.reshape(-1, channels).to(work)).view(num_probe, hw, channels)
+        grad_b = torch.sparse.mm(corr_grad.t(), a.reshape(-1, channels).to(work)).view(num_gallery, hw, channels)
+        return grad_a.to(a.dtype), grad_b.to(b.dtype), None
 
 
 class QAConv(nn.Module):
@@ -106,8 +175,9 @@ class QAConv(nn.Module):
             [P, G] logits (higher = more likely the same identity).
         """
         a = self.prepare(probe, probe_occ, "probe")
-        b = self.prepare(gallery, gallery_occ, "gallery")
-        maxima = self.location_maxima(a, b)  # [P, G, 2HW]
+        same = gallery is probe and gallery_occ is probe_occ
+        b = a if same else self.prepare(gallery, gallery_occ, "gallery")
+        maxima = self.location_maxima(a, b, same)  # [P, G, 2HW]
         num_probe, num_gallery = maxima.shape[:2]
         scores = self.bn(maxima.reshape(-1, 1, 2 * self.num_locations)).view(-1, 2 * self.num_locations)
         u = self.visibility_fc.weight[0]
@@ -162,12 +232,11 @@ class QAConv(nn.Module):
             corr = torch.matmul(a2, b2.T, out=out[: a2.shape[0] * b2.shape[0]].view(a2.shape[0], b2.shape[0]))
         return corr.view(num_probe, hw, b.shape[0], hw)
 
-    def location_maxima(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def location_maxima(self, a: torch.Tensor, b: torch.Tensor, same: bool = False) -> torch.Tensor:
         """Prepared probe [P, HW, C] and gallery [G, HW, C] -> [P, G, 2HW] location maxima:
         for each gallery location the best probe location, then for each probe location the best
-        gallery location."""
-        corr = self.correlations(a, b)
-        return torch.cat((corr.amax(dim=1), corr.amax(dim=3).transpose(1, 2)), dim=2)
+        gallery location. ``same``: ``b`` is ``a``. Differentiable; see :class:`LocationMaxima`."""
+        return LocationMaxima.apply(a, b, same)
 
     # ------------------------------------------------------------------ large sets
     @torch.inference_mode()
