@@ -8,8 +8,9 @@ from PIL import Image
 from conftest import write_png
 from occface.cli import main
 from occface.data import DataError, OcclusionDataset, ProceduralFaceDataset, ProceduralFaces
-from occface.evaluate import (Features, OcclusionPairs, identification, parse_occlusion_specs, threshold_at_far,
-                              verification_metrics)
+from occface.evaluate import (Features, OcclusionPairs, fuse, fusion_normalization, identification,
+                              parse_occlusion_specs, predicted_occluded, threshold_at_far, verification_metrics,
+                              visibility_strata)
 from occface.match import read_aligned_face
 from occface.models.occface import ModelConfig, OccFaceModel
 
@@ -87,6 +88,46 @@ def test_real_masks_and_occluded_lists_mark_faces_occluded(tmp_path):
     assert [pairs.dataset[i].occluded for i in range(3)] == [True, False, True]
 
 
+def test_fusion_normalises_each_visibility_stratum_on_its_own():
+    """An occluder that lifts every occluded pair's embedding score by the same amount (whoever
+    wears it) must not move those pairs relative to clean ones in the fused score."""
+    rng = np.random.default_rng(0)
+    issame = np.tile([True, False], 200)
+    clean = issame + rng.normal(0, 0.5, 400)
+    occluded = issame + rng.normal(0, 0.5, 400)
+    strata = np.array(["clean-clean"] * 400 + ["occluded-occluded"] * 400)
+    scores = {"embedding": np.concatenate([clean, occluded + 5.0]), "qaconv_weighted": np.concatenate([clean, occluded])}
+    stats = fusion_normalization(scores, strata)
+    assert stats["embedding"]["occluded-occluded"][0] == pytest.approx(occluded.mean() + 5.0)
+    assert "occluded-clean" not in stats["embedding"]  # no such pairs: those fall back to "all"
+    fused = fuse(scores["embedding"], scores["qaconv_weighted"], stats, 0.5, strata)
+    shifted_free = fuse(scores["embedding"] - 5.0 * (strata == "occluded-occluded"), scores["qaconv_weighted"],
+                        fusion_normalization({**scores, "embedding": scores["embedding"] - 5.0 * (strata == "occluded-occluded")},
+                                             strata), 0.5, strata)
+    np.testing.assert_allclose(fused, shifted_free, atol=1e-9)
+    same = np.concatenate([issame, issame])
+    single = verification_metrics(fused, same)["accuracy"]
+    unstratified = fuse(scores["embedding"], scores["qaconv_weighted"], fusion_normalization(scores), 0.5)
+    assert single > verification_metrics(unstratified, same)["accuracy"] + 0.05
+
+
+def test_fusion_accepts_the_single_normalisation_of_older_models():
+    old = {"embedding": [0.2, 0.5], "qaconv_weighted": [-1.0, 2.0]}
+    strata = np.array(["clean-clean", "occluded-occluded"])
+    np.testing.assert_allclose(fuse(np.array([0.7, 0.2]), np.array([1.0, -1.0]), old, 0.5, strata),
+                               [0.5 * 1.0 + 0.5 * 1.0, 0.0])
+
+
+def test_predicted_pair_types_need_a_confidently_hidden_region():
+    maps = torch.ones(3, 1, 7, 7)
+    maps[1, :, 4:] = 0.05  # a niqab: the lower 3 of 7 rows hidden
+    maps[2] = 0.45  # unsure everywhere, nothing confidently hidden
+    hidden = predicted_occluded(maps)
+    assert hidden.tolist() == [False, True, False]
+    assert visibility_strata(hidden[[0, 1, 1]], hidden[[2, 2, 1]]).tolist() == [
+        "clean-clean", "occluded-clean", "occluded-occluded"]
+
+
 def test_identification_ranks():
     torch.manual_seed(0)
     model = OccFaceModel(ModelConfig(arch="ir_18", width=0.125, occlusion_hidden_channels=8)).eval()
@@ -136,6 +177,7 @@ def test_match_command(tmp_path, tiny_model_dir, capsys):
     assert main(["match", str(first), str(second), "--model", str(tiny_model_dir), "--out", str(tmp_path / "m.png")]) == 0
     out = capsys.readouterr().out
     assert "embedding" in out and "threshold 0.500 at FAR 0.01" in out and "decision (embedding)" in out
+    assert "pair type seen: " in out
     assert Image.open(tmp_path / "m.png").size[0] > 224
 
 

@@ -114,6 +114,8 @@ def _match(args: argparse.Namespace) -> int:
             same = result["decisions"][source]
             verdict = f"  {'same' if same else 'different'} (threshold {calibration['threshold']:.3f} at FAR {calibration['far']:g})"
         print(f"{source:<16} {score:8.3f}{verdict}")
+    first_visible, second_visible = (float(v.mean()) for v in result["visibility"])
+    print(f"visibility       {first_visible:.2f} / {second_visible:.2f} (mean of each map); pair type seen: {result['pair_type']}")
     primary = "fused" if "fused" in result["decisions"] else "embedding"
     if primary in result["decisions"]:
         print(f"decision ({primary}): {'SAME person' if result['decisions'][primary] else 'DIFFERENT people'}")

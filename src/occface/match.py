@@ -9,7 +9,7 @@ import torch
 
 from .data.errors import DataError
 from .data.images import read_image, to_model_input
-from .evaluate import fuse
+from .evaluate import HIDDEN_SHARE, fuse, predicted_occluded, visibility_strata
 from .models.occface import OccFaceModel
 
 
@@ -35,9 +35,12 @@ def match(model: OccFaceModel, first: np.ndarray, second: np.ndarray, top: int =
         "qaconv_weighted": float(model.qaconv.score_pairs(maps[:1], maps[1:], occ[:1], occ[1:])[0]),
     }
     calibration = model.config.calibration
-    if "normalization" in calibration:
-        scores["fused"] = float(fuse(scores["embedding"], scores["qaconv_weighted"], calibration["normalization"],
-                                     calibration.get("fusion_weight", 0.5)))
+    normalization = calibration.get("normalization", {})
+    hidden = predicted_occluded(occ, normalization.get("hidden_share", HIDDEN_SHARE))
+    pair_type = visibility_strata(hidden[:1], hidden[1:])
+    if normalization:
+        scores["fused"] = float(fuse(scores["embedding"], scores["qaconv_weighted"], normalization,
+                                     calibration.get("fusion_weight", 0.5), pair_type)[0])
     decisions = {source: scores[source] >= calibration[source]["threshold"]
                  for source in scores if isinstance(calibration.get(source), dict)}
     # Strongest weighted location pairs: correlation x O_first[i] x O_second[j].
@@ -48,6 +51,7 @@ def match(model: OccFaceModel, first: np.ndarray, second: np.ndarray, top: int =
     side = maps.shape[-1]
     pairs = [(int(i) // corr.shape[1], int(i) % corr.shape[1], float(v)) for i, v in zip(flat, values)]
     return {"scores": scores, "decisions": decisions, "calibration": calibration, "correspondences": pairs,
+            "pair_type": str(pair_type[0]),
             "visibility": [occ[0, 0].numpy(), occ[1, 0].numpy()], "map_side": side}
 
 

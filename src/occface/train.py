@@ -30,7 +30,8 @@ from .data import (ConcatFaceDataset, FaceDataset, IdentityBalancedSampler, Imag
                    OcclusionSynthesizer, ProceduralFaceDataset, ProceduralFaces, RecordIODataset, SynthesizeOcclusion,
                    adaface_augmentation)
 from .data.transforms import Compose
-from .evaluate import OcclusionPairs, evaluate_occlusion_pairs, fusion_normalization, threshold_at_far, visibility_grid
+from .evaluate import (OcclusionPairs, evaluate_occlusion_pairs, fusion_normalization, pair_strata, threshold_at_far,
+                       visibility_grid)
 from .losses import LossWeights, MarginHead, QAConvPairLoss, occlusion_loss
 from .models.checkpoint import load_adaface_checkpoint
 from .models.occface import ModelConfig, OccFaceModel
@@ -381,8 +382,9 @@ class Trainer:
         metrics = None
         if self.fabric.is_global_zero:
             model = self.module.model
-            metrics, scores, _ = evaluate_occlusion_pairs(model, self.data.validation, device=self.fabric.device)
+            metrics, scores, features = evaluate_occlusion_pairs(model, self.data.validation, device=self.fabric.device)
             model.train()
+            self._strata = pair_strata(features, self.data.validation.pairs)
             for source, by_type in metrics.items():
                 for pair_type, values in by_type.items():
                     if values.get("accuracy") is not None:
@@ -404,6 +406,6 @@ class Trainer:
                 source: {"far": 0.01, "threshold": threshold_at_far(values, pairs.issame, 0.01)}
                 for source, values in self._scores.items()
             }
-            model.config.calibration["normalization"] = fusion_normalization(self._scores)
+            model.config.calibration["normalization"] = fusion_normalization(self._scores, self._strata)
             model.config.calibration["fusion_weight"] = 0.5
         model.save_pretrained(self.out_dir / "model")
