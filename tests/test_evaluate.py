@@ -101,10 +101,9 @@ def test_fusion_normalises_each_visibility_stratum_on_its_own():
     assert stats["embedding"]["occluded-occluded"][0] == pytest.approx(occluded.mean() + 5.0)
     assert "occluded-clean" not in stats["embedding"]  # no such pairs: those fall back to "all"
     fused = fuse(scores["embedding"], scores["qaconv_weighted"], stats, 0.5, strata)
-    shifted_free = fuse(scores["embedding"] - 5.0 * (strata == "occluded-occluded"), scores["qaconv_weighted"],
-                        fusion_normalization({**scores, "embedding": scores["embedding"] - 5.0 * (strata == "occluded-occluded")},
-                                             strata), 0.5, strata)
-    np.testing.assert_allclose(fused, shifted_free, atol=1e-9)
+    unshifted = {**scores, "embedding": np.concatenate([clean, occluded])}
+    np.testing.assert_allclose(fused, fuse(unshifted["embedding"], unshifted["qaconv_weighted"],
+                                           fusion_normalization(unshifted, strata), 0.5, strata), atol=1e-9)
     same = np.concatenate([issame, issame])
     single = verification_metrics(fused, same)["accuracy"]
     unstratified = fuse(scores["embedding"], scores["qaconv_weighted"], fusion_normalization(scores), 0.5)
@@ -124,6 +123,7 @@ def test_predicted_pair_types_need_a_confidently_hidden_region():
     maps[2] = 0.45  # unsure everywhere, nothing confidently hidden
     hidden = predicted_occluded(maps)
     assert hidden.tolist() == [False, True, False]
+    assert predicted_occluded(maps, {"hidden_below": 0.5}).tolist() == [False, True, True]
     assert visibility_strata(hidden[[0, 1, 1]], hidden[[2, 2, 1]]).tolist() == [
         "clean-clean", "occluded-clean", "occluded-occluded"]
 

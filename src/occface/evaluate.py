@@ -87,7 +87,7 @@ def pair_scores(model: OccFaceModel, features: Features, pairs: np.ndarray, fusi
         "qaconv_weighted": qaconv.score_pairs(features.feature_map[left], features.feature_map[right],
                                               features.occlusion[left], features.occlusion[right]).numpy(),
     }
-    strata = pair_strata(features, pairs, (normalization or {}).get("hidden_share", HIDDEN_SHARE))
+    strata = pair_strata(features, pairs, normalization)
     stats = normalization or fusion_normalization(scores, strata)
     scores["fused"] = fuse(scores["embedding"], scores["qaconv_weighted"], stats, fusion_weight, strata)
     return scores
@@ -108,10 +108,13 @@ HIDDEN_SHARE = 0.25
 STRATA = ("occluded-occluded", "occluded-clean", "clean-clean")
 
 
-def predicted_occluded(occlusion: torch.Tensor, hidden_share: float = HIDDEN_SHARE) -> np.ndarray:
+def predicted_occluded(occlusion: torch.Tensor, rule: dict | None = None) -> np.ndarray:
     """Visibility maps [N, 1, H, W] -> [N] bool: the model sees at least ``hidden_share`` of the
-    face as hidden (visibility below ``HIDDEN_BELOW``)."""
-    return ((occlusion.flatten(1) < HIDDEN_BELOW).float().mean(1) >= hidden_share).numpy()
+    face as hidden (visibility below ``hidden_below``); ``rule`` may override both (e.g. the
+    normalisation stored with a model), the module's constants are the defaults."""
+    rule = rule or {}
+    below, share = rule.get("hidden_below", HIDDEN_BELOW), rule.get("hidden_share", HIDDEN_SHARE)
+    return ((occlusion.flatten(1) < below).float().mean(1) >= share).numpy()
 
 
 def visibility_strata(first_occluded: np.ndarray, second_occluded: np.ndarray) -> np.ndarray:
@@ -120,21 +123,21 @@ def visibility_strata(first_occluded: np.ndarray, second_occluded: np.ndarray) -
     return np.array(STRATA[::-1])[count]
 
 
-def pair_strata(features: Features, pairs: np.ndarray, hidden_share: float = HIDDEN_SHARE) -> np.ndarray:
-    """[N] predicted pair type of pairs [N, 2] of feature indices."""
-    hidden = predicted_occluded(features.occlusion, hidden_share)
+def pair_strata(features: Features, pairs: np.ndarray, rule: dict | None = None) -> np.ndarray:
+    """[N] predicted pair type of pairs [N, 2] of feature indices (``rule``: see :func:`predicted_occluded`)."""
+    hidden = predicted_occluded(features.occlusion, rule)
     return visibility_strata(hidden[pairs[:, 0]], hidden[pairs[:, 1]])
 
 
-def fusion_normalization(scores: dict[str, np.ndarray], strata: np.ndarray | None = None,
-                         hidden_share: float = HIDDEN_SHARE) -> dict:
+def fusion_normalization(scores: dict[str, np.ndarray], strata: np.ndarray | None = None) -> dict:
     """Mean and std of the two fused sources over a score set, per visibility stratum and over
-    all pairs: ``{"hidden_share": s, source: {stratum or "all": [mean, std]}}``.
+    all pairs, with the rule that gave the strata:
+    ``{"hidden_below": b, "hidden_share": s, source: {stratum or "all": [mean, std]}}``.
 
     An occluder shifts a global descriptor's scores for all pairs alike (two faces in the same
     niqab look alike whoever wears it), so one normalisation for every pair type would put
     occluded pairs on another scale than clean ones; each stratum gets its own."""
-    result: dict = {"hidden_share": hidden_share}
+    result: dict = {"hidden_below": HIDDEN_BELOW, "hidden_share": HIDDEN_SHARE}
     for source in ("embedding", "qaconv_weighted"):
         values = np.asarray(scores[source], np.float64)
         result[source] = {"all": [float(values.mean()), float(values.std() + 1e-12)]}
