@@ -10,7 +10,7 @@ from occface.cli import main
 from occface.data import DataError, OcclusionDataset, ProceduralFaceDataset, ProceduralFaces
 from occface.evaluate import (Features, OcclusionPairs, fuse, fusion_normalization, identification,
                               parse_occlusion_specs, predicted_occluded, threshold_at_far, verification_metrics,
-                              visibility_strata)
+                              pair_kind)
 from occface.match import read_aligned_face
 from occface.models.occface import ModelConfig, OccFaceModel
 
@@ -124,7 +124,7 @@ def test_predicted_pair_types_need_a_confidently_hidden_region():
     hidden = predicted_occluded(maps)
     assert hidden.tolist() == [False, True, False]
     assert predicted_occluded(maps, {"hidden_below": 0.5}).tolist() == [False, True, True]
-    assert visibility_strata(hidden[[0, 1, 1]], hidden[[2, 2, 1]]).tolist() == [
+    assert pair_kind(hidden[[0, 1, 1]], hidden[[2, 2, 1]]).tolist() == [
         "clean-clean", "occluded-clean", "occluded-occluded"]
 
 

@@ -31,7 +31,8 @@ from .models.occface import OccFaceModel
 log = logging.getLogger(__name__)
 
 SOURCES = ("embedding", "qaconv", "qaconv_weighted", "fused")
-PAIR_TYPES = ("occluded-occluded", "occluded-clean", "clean-clean", "all")
+PAIR_KINDS = ("occluded-occluded", "occluded-clean", "clean-clean")
+PAIR_TYPES = (*PAIR_KINDS, "all")
 FARS = (1e-1, 1e-2, 1e-3, 1e-4)
 
 
@@ -76,7 +77,7 @@ def extract_features(model: OccFaceModel, dataset: Dataset, batch_size: int = 64
 def pair_scores(model: OccFaceModel, features: Features, pairs: np.ndarray, fusion_weight: float = 0.5,
                 normalization: dict | None = None) -> dict[str, np.ndarray]:
     """Scores of every source for pairs [N, 2] of feature indices. ``fused`` z-scores the
-    embedding and weighted-QAConv scores per visibility stratum (:func:`visibility_strata`) with
+    embedding and weighted-QAConv scores per visibility stratum (:func:`pair_strata`) with
     ``normalization`` (from :func:`fusion_normalization`) if given, otherwise with their mean and
     std over these pairs."""
     left, right = torch.as_tensor(pairs[:, 0]), torch.as_tensor(pairs[:, 1])
@@ -105,7 +106,6 @@ def cpu_matcher(model: OccFaceModel):
 # on the mean visibility (below 0.6) put 53 of the 7,701 clean faces among the occluded ones.
 HIDDEN_BELOW = 0.2
 HIDDEN_SHARE = 0.25
-STRATA = ("occluded-occluded", "occluded-clean", "clean-clean")
 
 
 def predicted_occluded(occlusion: torch.Tensor, rule: dict | None = None) -> np.ndarray:
@@ -117,16 +117,17 @@ def predicted_occluded(occlusion: torch.Tensor, rule: dict | None = None) -> np.
     return ((occlusion.flatten(1) < below).float().mean(1) >= share).numpy()
 
 
-def visibility_strata(first_occluded: np.ndarray, second_occluded: np.ndarray) -> np.ndarray:
-    """Per pair (any shape): the pair type the model predicts, from each face's predicted flag."""
+def pair_kind(first_occluded: np.ndarray, second_occluded: np.ndarray) -> np.ndarray:
+    """Per pair (any shape), from each face's occluded flag: "clean-clean", "occluded-clean" or
+    "occluded-occluded"."""
     count = np.asarray(first_occluded, int) + np.asarray(second_occluded, int)
-    return np.array(STRATA[::-1])[count]
+    return np.array(PAIR_KINDS[::-1])[count]
 
 
 def pair_strata(features: Features, pairs: np.ndarray, rule: dict | None = None) -> np.ndarray:
-    """[N] predicted pair type of pairs [N, 2] of feature indices (``rule``: see :func:`predicted_occluded`)."""
-    hidden = predicted_occluded(features.occlusion, rule)
-    return visibility_strata(hidden[pairs[:, 0]], hidden[pairs[:, 1]])
+    """[N] pair type the model predicts for pairs [N, 2] of feature indices, from its maps
+    (``rule``: see :func:`predicted_occluded`)."""
+    return pair_types(predicted_occluded(features.occlusion, rule), pairs)
 
 
 def fusion_normalization(scores: dict[str, np.ndarray], strata: np.ndarray | None = None) -> dict:
@@ -142,7 +143,7 @@ def fusion_normalization(scores: dict[str, np.ndarray], strata: np.ndarray | Non
         values = np.asarray(scores[source], np.float64)
         result[source] = {"all": [float(values.mean()), float(values.std() + 1e-12)]}
         if strata is not None:
-            for stratum in STRATA:
+            for stratum in PAIR_KINDS:
                 chosen = values[strata == stratum]
                 if len(chosen) >= 2:
                     result[source][stratum] = [float(chosen.mean()), float(chosen.std() + 1e-12)]
@@ -168,9 +169,8 @@ def fuse(embedding: np.ndarray, qaconv_weighted: np.ndarray, normalization: dict
 
 
 def pair_types(occluded: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """Pair type of each pair from the per-image occluded flags."""
-    count = occluded[pairs[:, 0]].astype(int) + occluded[pairs[:, 1]].astype(int)
-    return np.array(["clean-clean", "occluded-clean", "occluded-occluded"])[count]
+    """Pair type of each pair [N, 2] from the per-image occluded flags [num_images]."""
+    return pair_kind(occluded[pairs[:, 0]], occluded[pairs[:, 1]])
 
 
 def _best_threshold(scores: np.ndarray, issame: np.ndarray) -> float:
@@ -278,7 +278,7 @@ def plot_roc(scores: dict[str, np.ndarray], issame: np.ndarray, types: np.ndarra
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_curve
 
-    present = [t for t in PAIR_TYPES[:3] if (types == t).any()]
+    present = [t for t in PAIR_KINDS if (types == t).any()]
     figure, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.8), squeeze=False)
     for axis, pair_type in zip(axes[0], present):
         chosen = types == pair_type
@@ -515,7 +515,7 @@ def identification(model: OccFaceModel, gallery: Features, probe: Features, gall
         "qaconv_weighted": qaconv.score_all(probe.feature_map, gallery.feature_map, probe.occlusion, gallery.occlusion,
                                             progress=progress).numpy(),
     }
-    strata = visibility_strata(predicted_occluded(probe.occlusion)[:, None], predicted_occluded(gallery.occlusion)[None, :])
+    strata = pair_kind(predicted_occluded(probe.occlusion)[:, None], predicted_occluded(gallery.occlusion)[None, :])
     matrices["fused"] = fuse(matrices["embedding"], matrices["qaconv_weighted"],
                              fusion_normalization(matrices, strata), fusion_weight, strata)
     result = {}

@@ -9,7 +9,7 @@ import torch
 
 from .data.errors import DataError
 from .data.images import read_image, to_model_input
-from .evaluate import fuse, predicted_occluded, visibility_strata
+from .evaluate import fuse, predicted_occluded, pair_kind
 from .models.occface import OccFaceModel
 
 
@@ -37,7 +37,7 @@ def match(model: OccFaceModel, first: np.ndarray, second: np.ndarray, top: int =
     calibration = model.config.calibration
     normalization = calibration.get("normalization", {})
     hidden = predicted_occluded(occ, normalization)
-    pair_type = visibility_strata(hidden[:1], hidden[1:])
+    pair_type = pair_kind(hidden[:1], hidden[1:])
     if normalization:
         scores["fused"] = float(fuse(scores["embedding"], scores["qaconv_weighted"], normalization,
                                      calibration.get("fusion_weight", 0.5), pair_type)[0])

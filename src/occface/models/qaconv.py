@@ -73,15 +73,14 @@ class LocationMaxima(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor, same: bool = False) -> torch.Tensor:  # type: ignore[override]
-        num_probe, hw, channels = a.shape
+        num_probe, hw = a.shape[:2]
         num_gallery = b.shape[0]
-        b_flat = b.reshape(-1, channels)
         block = CPU_BLOCK_ELEMENTS if a.device.type == "cpu" else GPU_BLOCK_ELEMENTS
         step = max(1, block // (hw * num_gallery * hw))
         gallery_max, probe_max, probe_winner, gallery_winner = [], [], [], []
         for start in range(0, num_probe, step):
             rows = a[start : start + step]
-            corr = (rows.reshape(-1, channels) @ b_flat.T).view(rows.shape[0], hw, num_gallery, hw)
+            corr = QAConv.correlations(rows, b)
             values, winners = corr.max(dim=1)  # [p, G, HW]: best probe location per gallery location
             gallery_max.append(values)
             probe_winner.append(winners)
@@ -221,7 +220,8 @@ class QAConv(nn.Module):
             scale.mul_(weights)
         return x.mul_(scale.flatten(2).transpose(1, 2).to(x.dtype))
 
-    def correlations(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    @staticmethod
+    def correlations(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Prepared probe [P, HW, C] and gallery [G, HW, C] -> correlations [P, HW, G, HW]
         (probe location on dim 1, gallery location on dim 3), written into the flat ``out`` if given."""
         num_probe, hw, channels = a.shape
