@@ -48,7 +48,7 @@ def main() -> int:
     config = load_config(default_config_path(), [
         "data.source=folder", f"data.path={data / 'faces112'}", f"data.split_file={data / 'faces112_split.json'}",
         f"data.extra_paths=[{data / 'cfp112'}]", "data.recursive=true", f"data.occluders={data / 'occluders'}",
-        "data.occlusion_kinds=[niqab, mask]", "data.crop=0.1", "train.val_identities=0", "train.val_pairs=200",
+        "data.occlusion_kinds=[niqab, mask]", "data.crop=0.1", "train.val_identities=0", "train.val_pairs=1000",
         f"train.max_steps={args.steps}", "train.checkpoint_every=100", "train.image_grid_every=200",
         "optim.warmup_steps=50", "model.feature_level=block3", "loss.qaconv_weight=100", f"train.out_dir={run_dir}",
         *args.overrides,

@@ -8,9 +8,9 @@ from PIL import Image
 from conftest import write_png
 from occface.cli import main
 from occface.data import DataError, OcclusionDataset, ProceduralFaceDataset, ProceduralFaces
-from occface.evaluate import (Features, OcclusionPairs, fuse, fusion_normalization, identification,
-                              parse_occlusion_specs, predicted_occluded, threshold_at_far, verification_metrics,
-                              pair_kind)
+from occface.evaluate import (Features, OcclusionPairs, choose_fusion_weights, describe_fusion_weight, fuse,
+                              fusion_normalization, identification, pair_kind, parse_occlusion_specs,
+                              predicted_occluded, threshold_at_far, verification_metrics)
 from occface.match import read_aligned_face
 from occface.models.occface import ModelConfig, OccFaceModel
 
@@ -115,6 +115,36 @@ def test_fusion_accepts_the_single_normalisation_of_older_models():
     strata = np.array(["clean-clean", "occluded-occluded"])
     np.testing.assert_allclose(fuse(np.array([0.7, 0.2]), np.array([1.0, -1.0]), old, 0.5, strata),
                                [0.5 * 1.0 + 0.5 * 1.0, 0.0])
+
+
+def test_fusion_weights_follow_each_strata_separation():
+    """Where the embedding is noise (an occluded stratum) the fusion should all but drop it; where
+    both sources separate identities equally it should weigh them alike; a stratum with too
+    few pairs falls back to the weight chosen on all pairs."""
+    rng = np.random.default_rng(1)
+    issame = np.tile([True, False], 300)
+    informative = lambda: issame * 1.5 + rng.normal(0, 1, 600)  # noqa: E731  d' = 1.5
+    strata = np.array(["occluded-clean"] * 600 + ["clean-clean"] * 600 + ["occluded-occluded"] * 10)
+    same = np.concatenate([issame, issame, issame[:10]])
+    scores = {"embedding": np.concatenate([rng.normal(0, 1, 600), informative(), rng.normal(0, 1, 10)]),
+              "qaconv_weighted": np.concatenate([informative(), informative(), rng.normal(0, 1, 10)])}
+    weights = choose_fusion_weights(scores, same, strata)
+    assert weights["occluded-clean"] <= 0.1
+    assert 0.4 <= weights["clean-clean"] <= 0.6
+    assert "occluded-occluded" not in weights and 0.1 < weights["all"] < 0.5
+    normalization = fusion_normalization(scores, strata)
+    fused = fuse(scores["embedding"], scores["qaconv_weighted"], normalization, weights, strata)
+    for stratum, weight in (("occluded-clean", weights["occluded-clean"]), ("occluded-occluded", weights["all"])):
+        chosen = strata == stratum
+        alone = fuse(scores["embedding"][chosen], scores["qaconv_weighted"][chosen], normalization, weight,
+                     strata[chosen])
+        np.testing.assert_allclose(fused[chosen], alone)
+    occluded = strata == "occluded-clean"
+    spec = fuse(scores["embedding"], scores["qaconv_weighted"], normalization, 0.5, strata)
+    assert (verification_metrics(fused[occluded], same[occluded])["auc"]
+            > verification_metrics(spec[occluded], same[occluded])["auc"] + 0.05)
+    assert describe_fusion_weight(0.5) == "0.5"
+    assert describe_fusion_weight(weights).endswith(f"otherwise {weights['all']:g}")
 
 
 def test_predicted_pair_types_need_a_confidently_hidden_region():

@@ -1,12 +1,14 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from occface.config import ConfigError, load_config
 from occface.demo import default_config_path, run_demo
+from occface.evaluate import fuse, threshold_at_far
 from occface.models.occface import OccFaceModel
-from occface.train import MultiTaskModule, Trainer, TrainingError, atomic_save
+from occface.train import MultiTaskModule, Trainer, TrainingError, atomic_save, calibrate
 
 TINY = [
     "model.arch=ir_18", "model.width=0.125", "model.occlusion_hidden_channels=8",
@@ -72,6 +74,22 @@ def test_outputs_of_a_run(tmp_path):
     with torch.no_grad():
         out = model(images)
     assert out.occlusion.shape == (2, 1, 7, 7) and out.embedding.shape == (2, 512)
+
+
+def test_calibration_thresholds_the_fusion_it_stores():
+    rng = np.random.default_rng(0)
+    issame = np.tile([True, False], 200)
+    strata = np.repeat(["occluded-clean", "clean-clean"], 200)
+    scores = {"embedding": np.where(strata == "clean-clean", issame * 2.0, 0) + rng.normal(0, 1, 400),
+              "qaconv": rng.normal(0, 1, 400), "qaconv_weighted": issame * 1.0 + rng.normal(0, 1, 400),
+              "fused": np.zeros(400)}  # the validation's fusion at 0.5: replaced
+    calibration = calibrate(scores, issame, strata)
+    weight = calibration["fusion_weight"]
+    assert weight["occluded-clean"] < 0.2 < weight["clean-clean"]
+    fused = fuse(scores["embedding"], scores["qaconv_weighted"], calibration["normalization"], weight, strata)
+    assert calibration["fused"]["threshold"] == threshold_at_far(fused, issame, 0.01)
+    assert calibration["qaconv"]["threshold"] == threshold_at_far(scores["qaconv"], issame, 0.01)
+    assert calibrate(scores, issame, strata, choose_weights=False)["fusion_weight"] == 0.5
 
 
 def test_non_finite_losses_skip_the_update_then_stop_the_run(tmp_path, monkeypatch):

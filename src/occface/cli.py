@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--occluded-list", default=None, help="file of relative paths of really occluded faces")
     evaluate.add_argument("--pairs-per-type", type=int, default=600, help="pairs per occlusion spec for --folder")
     evaluate.add_argument("--identification", action="store_true", help="also closed-set rank-1/rank-5 (--folder)")
-    evaluate.add_argument("--fusion-weight", type=float, default=0.5, help="weight of the embedding in the fused score")
+    evaluate.add_argument("--fusion-weight", type=float, default=None,
+                          help="weight of the embedding in the fused score, for every pair type (default: the weights "
+                               "per pair type chosen on the model's validation pairs; 0.5, the spec's, if it has none)")
     evaluate.add_argument("--out", default="occface-eval", help="report folder")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--seed", type=int, default=0)

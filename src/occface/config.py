@@ -91,8 +91,9 @@ class TrainSection:
     log_every: int = 10
     checkpoint_every: int = 100
     val_every: int = 0  # 0: validate at the end only
-    val_pairs: int = 200  # per pair type, drawn from held-out identities
+    val_pairs: int = 1000  # per pair type, drawn from held-out identities (they share images: cheap)
     val_identities: int = 0  # identities held out of training for validation (procedural/folder)
+    calibrate_fusion: bool = True  # choose the fusion weight per pair type on the validation pairs (false: 0.5)
     image_grid_every: int = 100
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     progress: bool = True

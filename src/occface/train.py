@@ -30,8 +30,8 @@ from .data import (ConcatFaceDataset, FaceDataset, IdentityBalancedSampler, Imag
                    OcclusionSynthesizer, ProceduralFaceDataset, ProceduralFaces, RecordIODataset, SynthesizeOcclusion,
                    adaface_augmentation)
 from .data.transforms import Compose
-from .evaluate import (OcclusionPairs, evaluate_occlusion_pairs, fusion_normalization, pair_strata, threshold_at_far,
-                       visibility_grid)
+from .evaluate import (OcclusionPairs, choose_fusion_weights, describe_fusion_weight, evaluate_occlusion_pairs,
+                       fuse, fusion_normalization, pair_strata, threshold_at_far, visibility_grid)
 from .losses import LossWeights, MarginHead, QAConvPairLoss, occlusion_loss
 from .models.checkpoint import load_adaface_checkpoint
 from .models.occface import ModelConfig, OccFaceModel
@@ -170,6 +170,23 @@ def lr_factor(step: int, config: Config) -> float:
     if optim.schedule == "constant":
         return 1.0
     raise ValueError(f"unknown optim.schedule {optim.schedule!r}; expected multistep, cosine or constant")
+
+
+def calibrate(scores: dict[str, np.ndarray], issame: np.ndarray, strata: np.ndarray, choose_weights: bool = True,
+              far: float = 0.01) -> dict:
+    """What a model stores from its validation pairs (scores of every source, labels, predicted
+    visibility strata): the fusion's normalisation, its weights per stratum
+    (:func:`choose_fusion_weights`; the spec's 0.5 if ``choose_weights`` is false), and each
+    source's threshold at ``far``, the fused scores recomputed with those weights."""
+    scores = dict(scores)
+    normalization = fusion_normalization(scores, strata)
+    weight = choose_fusion_weights(scores, issame, strata) if choose_weights else 0.5
+    scores["fused"] = fuse(scores["embedding"], scores["qaconv_weighted"], normalization, weight, strata)
+    log.info("fusion weight of the embedding: %s", describe_fusion_weight(weight))
+    calibration: dict = {source: {"far": far, "threshold": threshold_at_far(values, issame, far)}
+                         for source, values in scores.items()}
+    calibration.update(normalization=normalization, fusion_weight=weight)
+    return calibration
 
 
 def atomic_save(state: dict, path: Path) -> None:
@@ -398,14 +415,9 @@ class Trainer:
         return metrics
 
     def _export(self, metrics: dict | None) -> None:
-        """Save the model for ``OccFaceModel.from_pretrained`` with thresholds calibrated at FAR 1e-2."""
+        """Save the model for ``OccFaceModel.from_pretrained``, calibrated on the validation pairs."""
         model = self.module.model
         if metrics is not None:
-            pairs = self.data.validation
-            model.config.calibration = {
-                source: {"far": 0.01, "threshold": threshold_at_far(values, pairs.issame, 0.01)}
-                for source, values in self._scores.items()
-            }
-            model.config.calibration["normalization"] = fusion_normalization(self._scores, self._strata)
-            model.config.calibration["fusion_weight"] = 0.5
+            model.config.calibration = calibrate(self._scores, self.data.validation.issame, self._strata,
+                                                 self.config.train.calibrate_fusion)
         model.save_pretrained(self.out_dir / "model")
