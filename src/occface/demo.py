@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from .config import load_config
-from .evaluate import OcclusionPairs, evaluate_occlusion_pairs, summary_table, write_report
+from .evaluate import OcclusionPairs, describe_fusion_weight, evaluate_occlusion_pairs, summary_table, write_report
 from .models.occface import OccFaceModel
 from .train import Trainer, build_data
 
@@ -32,12 +32,14 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, eval_pairs: in
     model = OccFaceModel.from_pretrained(out / "run" / "model")
     data = build_data(config)  # the same split and occluders as training; only the held-out part is used
     pairs = OcclusionPairs.build(data.holdout, data.synthesizer, eval_pairs, seed=config.train.seed + 2)
-    metrics, scores, features = evaluate_occlusion_pairs(model, pairs, keep_masks=True)
+    fusion_weight = model.config.calibration.get("fusion_weight", 0.5)  # as `occface eval` uses it
+    metrics, scores, features = evaluate_occlusion_pairs(model, pairs, fusion_weight=fusion_weight, keep_masks=True)
     extra = {
         "config": str(out / "run" / "config.yaml"),
         "model": f"{config.model.arch} width {config.model.width}, {config.model.feature_level} maps",
         "training": f"{summary['steps']} steps, {summary['images_per_second']:.1f} images/s, {summary['seconds']:.0f} s",
         "held-out identities": data.holdout.num_classes,
+        "fusion weight of the embedding": describe_fusion_weight(fusion_weight),
         "total time": f"{time.perf_counter() - started:.0f} s",
     }
     report = write_report(out / "report", metrics, scores, pairs, features, "occface demo: procedural faces, held-out identities", extra)

@@ -183,7 +183,8 @@ def fuse(embedding: np.ndarray, qaconv_weighted: np.ndarray, normalization: dict
 
 
 def describe_fusion_weight(weight: FusionWeight) -> str:
-    """"0.5", or "occluded-occluded 0.0, occluded-clean 0.0, clean-clean 0.6, otherwise 0.4"."""
+    """A fusion weight in words, e.g. ``0.5`` or ``occluded-occluded 0.3, occluded-clean 0.29,
+    clean-clean 0.51, otherwise 0.24``."""
     if not isinstance(weight, dict):
         return f"{weight:g}"
     parts = [f"{k} {weight[k]:g}" for k in PAIR_KINDS if k in weight]
@@ -204,8 +205,8 @@ def separation(scores: np.ndarray, issame: np.ndarray) -> float:
 def choose_fusion_weights(scores: dict[str, np.ndarray], issame: np.ndarray, strata: np.ndarray,
                           min_pairs: int = 20) -> dict:
     """The embedding's fusion weight per visibility stratum from labelled (validation) pairs:
-    ``d'_emb / (d'_emb + d'_qaconv_weighted)`` (:func:`separation`), the weighting that maximises
-    the separation of a sum of two independent z-scored sources. ``"all"`` (for strata without
+    ``d'_emb / (d'_emb + d'_qaconv_weighted)`` (:func:`separation`): for two independent sources
+    of equal within-class spread, the weighting whose sum separates the classes best. ``"all"`` (for strata without
     enough pairs) comes from all pairs. A stratum needs ``min_pairs`` same and ``min_pairs``
     different pairs; neither source better than chance gives the spec's 0.5.
     -> ``{"all": w, stratum: w, ...}``, rounded to 0.01.
