@@ -2,12 +2,12 @@
 
 1. Train the CPU configuration on CFP's 500 people and the 18 training people of faces112 (never
    LFW), with niqab and medical-mask overlays synthesised on 80% of the faces; the 5 test people of
-   faces112 are the validation set that calibrates the model's thresholds and its fusion weights
-   per pair type (1,000 pairs a type). Two changes to the demo config, both studied in the README:
+   faces112 are the validation set that calibrates the model's thresholds and its fusion weights per
+   pair type (1,000 pairs a type). Two changes to the demo config, both studied in the README:
    QAConv and the occlusion head on block 3's 14x14 maps (the spec's upgrade; at block 4 every cell
-   sees the whole face, so weighting by visibility only throws evidence away), for 1,000 steps of 48 faces to stay within 30 minutes; and the QAConv pair loss
-   weighted 100 against AdaFace's 1 (at block 4, 1 / 10 / 30 / 100 gave plain QAConv 64.1 / 69.4 /
-   73.2 / 75.6% on clean LFW).
+   sees the whole face, so weighting by visibility only throws evidence away), for 1,000 steps of 48
+   faces to stay within 30 minutes; and the QAConv pair loss weighted 100 against AdaFace's 1 (at
+   block 4, 1 / 10 / 30 / 100 gave plain QAConv 64.1 / 69.4 / 73.2 / 75.6% on clean LFW).
 2. Evaluate on LFW's official 6,000 pairs (10 folds) three ways: as they are (clean-clean), with a
    niqab synthesised on the second face of every pair (occluded-clean) and on both faces
    (occluded-occluded).
