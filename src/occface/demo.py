@@ -12,7 +12,8 @@ from importlib import resources
 from pathlib import Path
 
 from .config import load_config
-from .evaluate import OcclusionPairs, describe_fusion_weight, evaluate_occlusion_pairs, summary_table, write_report
+from .evaluate import (OcclusionPairs, calibrated_fusion_weight, describe_fusion_weight, evaluate_occlusion_pairs,
+                       summary_table, write_report)
 from .models.occface import OccFaceModel
 from .train import Trainer, build_data
 
@@ -32,7 +33,7 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, eval_pairs: in
     model = OccFaceModel.from_pretrained(out / "run" / "model")
     data = build_data(config)  # the same split and occluders as training; only the held-out part is used
     pairs = OcclusionPairs.build(data.holdout, data.synthesizer, eval_pairs, seed=config.train.seed + 2)
-    fusion_weight = model.config.calibration.get("fusion_weight", 0.5)  # as `occface eval` uses it
+    fusion_weight = calibrated_fusion_weight(model)  # as `occface eval` uses it
     metrics, scores, features = evaluate_occlusion_pairs(model, pairs, fusion_weight=fusion_weight, keep_masks=True)
     extra = {
         "config": str(out / "run" / "config.yaml"),

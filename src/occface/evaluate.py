@@ -182,6 +182,12 @@ def fuse(embedding: np.ndarray, qaconv_weighted: np.ndarray, normalization: dict
     return fused
 
 
+def calibrated_fusion_weight(model: OccFaceModel) -> FusionWeight:
+    """The fusion weight stored with a model (per stratum, chosen on its validation pairs), or the
+    spec's 0.5 for a model without one."""
+    return model.config.calibration.get("fusion_weight", 0.5)
+
+
 def describe_fusion_weight(weight: FusionWeight) -> str:
     """A fusion weight in words, e.g. ``0.5`` or ``occluded-occluded 0.3, occluded-clean 0.29,
     clean-clean 0.51, otherwise 0.24``."""
@@ -206,9 +212,9 @@ def choose_fusion_weights(scores: dict[str, np.ndarray], issame: np.ndarray, str
                           min_pairs: int = 20) -> dict:
     """The embedding's fusion weight per visibility stratum from labelled (validation) pairs:
     ``d'_emb / (d'_emb + d'_qaconv_weighted)`` (:func:`separation`): for two independent sources
-    of equal within-class spread, the weighting whose sum separates the classes best. ``"all"`` (for strata without
-    enough pairs) comes from all pairs. A stratum needs ``min_pairs`` same and ``min_pairs``
-    different pairs; neither source better than chance gives the spec's 0.5.
+    of equal within-class spread, the weighting whose sum separates the classes best. ``"all"``
+    (for strata without enough pairs) comes from all pairs. A stratum needs ``min_pairs`` same and
+    ``min_pairs`` different pairs; neither source better than chance gives the spec's 0.5.
     -> ``{"all": w, stratum: w, ...}``, rounded to 0.01.
 
     An occluder can leave the embedding near chance while weighted QAConv still separates
@@ -628,7 +634,7 @@ def run_eval(model_dir: str | Path, out_dir: str | Path, *, pairs_file: str | Pa
 
     model = OccFaceModel.from_pretrained(model_dir)
     if fusion_weight is None:
-        fusion_weight = model.config.calibration.get("fusion_weight", 0.5)
+        fusion_weight = calibrated_fusion_weight(model)
     sides, kinds = parse_occlusion_specs(occlude or ["none"])
     synthesizer = OcclusionSynthesizer.from_directory(occluders, kinds) if kinds else None
     listed = set()

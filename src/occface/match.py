@@ -9,7 +9,7 @@ import torch
 
 from .data.errors import DataError
 from .data.images import read_image, to_model_input
-from .evaluate import fuse, predicted_occluded, pair_kind
+from .evaluate import calibrated_fusion_weight, fuse, pair_kind, predicted_occluded
 from .models.occface import OccFaceModel
 
 
@@ -40,7 +40,7 @@ def match(model: OccFaceModel, first: np.ndarray, second: np.ndarray, top: int =
     pair_type = pair_kind(hidden[:1], hidden[1:])
     if normalization:
         scores["fused"] = float(fuse(scores["embedding"], scores["qaconv_weighted"], normalization,
-                                     calibration.get("fusion_weight", 0.5), pair_type)[0])
+                                     calibrated_fusion_weight(model), pair_type)[0])
     decisions = {source: scores[source] >= calibration[source]["threshold"]
                  for source in scores if isinstance(calibration.get(source), dict)}
     # Strongest weighted location pairs: correlation x O_first[i] x O_second[j].
