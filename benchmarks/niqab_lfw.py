@@ -27,7 +27,7 @@ from pathlib import Path
 
 from occface.config import load_config
 from occface.demo import default_config_path
-from occface.evaluate import run_eval, summary_table
+from occface.evaluate import comparison_table, run_eval, summary_table
 from occface.train import Trainer
 
 
@@ -66,6 +66,8 @@ def main() -> int:
     print(summary_table(sources))
     print("\nTAR at FAR 1e-2:\n")
     print(summary_table(sources, "tar@far=1e-2"))
+    print("\nROC AUC differences, 95% paired-bootstrap intervals over the pairs (this model, not across runs):\n")
+    print(comparison_table(result["comparisons"]))
     print(f"\ntraining: {summary['steps']} steps, {summary['images_per_second']:.1f} images/s, {trained:.0f} s; "
           f"total {time.perf_counter() - started:.0f} s; report and metrics: {args.out}")
     return 0

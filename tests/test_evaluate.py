@@ -8,8 +8,8 @@ from PIL import Image
 from conftest import write_png
 from occface.cli import main
 from occface.data import DataError, OcclusionDataset, ProceduralFaceDataset, ProceduralFaces
-from occface.evaluate import (Features, OcclusionPairs, choose_fusion_weights, describe_fusion_weight, fuse,
-                              fusion_normalization, identification, pair_kind, parse_occlusion_specs,
+from occface.evaluate import (Features, OcclusionPairs, _bootstrap_auc, choose_fusion_weights, compare_sources,
+                              comparison_table, describe_fusion_weight, fuse, fusion_normalization, identification, pair_kind, parse_occlusion_specs,
                               predicted_occluded, threshold_at_far, verification_metrics)
 from occface.match import read_aligned_face
 from occface.models.occface import ModelConfig, OccFaceModel
@@ -147,6 +147,42 @@ def test_fusion_weights_follow_each_strata_separation():
     assert describe_fusion_weight(weights).endswith(f"otherwise {weights['all']:g}")
 
 
+def test_bootstrap_auc_is_the_roc_auc_with_ties_and_multiplicities():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(2)
+    issame = rng.random(300) < 0.4
+    scores = np.round(issame + rng.normal(0, 1, 300), 1)  # rounding makes many ties
+    counts = rng.integers(0, 3, (4, 300))
+    expected = [roc_auc_score(np.repeat(issame, c), np.repeat(scores, c)) for c in counts]
+    np.testing.assert_allclose(_bootstrap_auc(scores, issame, counts), expected, rtol=1e-12)
+
+
+def test_compare_sources_tells_a_better_source_from_an_equal_one():
+    """A source with d' = 1.5 against noise: a clearly positive difference. Two draws of the same
+    quality on the occluded-clean pairs: an interval around 0. A source against itself: exactly 0."""
+    rng = np.random.default_rng(3)
+    issame = np.tile([True, False], 400)
+    types = np.array(["occluded-clean"] * 400 + ["clean-clean"] * 400)
+    informative = issame * 1.5 + rng.normal(0, 1, 800)
+    other = issame * 1.5 + rng.normal(0, 1, 800)
+    noise = rng.normal(0, 1, 800)
+    scores = {"qaconv_weighted": informative,
+              "qaconv": np.where(types == "clean-clean", noise, other),
+              "fused": informative.copy()}
+    result = compare_sources(scores, issame, types, resamples=400)
+    assert set(result) == {"qaconv_weighted-vs-qaconv", "fused-vs-qaconv_weighted"}  # no embedding scores
+    clean = result["qaconv_weighted-vs-qaconv"]["clean-clean"]
+    assert clean["ci95"][0] > 0.2 and clean["pairs"] == 400 and clean["resamples"] == 400
+    occluded = result["qaconv_weighted-vs-qaconv"]["occluded-clean"]
+    assert occluded["ci95"][0] < occluded["auc_difference"] < occluded["ci95"][1]
+    assert occluded["ci95"][0] < 0 < occluded["ci95"][1]
+    assert result["fused-vs-qaconv_weighted"]["all"] == {"auc_difference": 0.0, "ci95": [0.0, 0.0], "pairs": 800,
+                                                         "resamples": 400}
+    table = comparison_table(result)
+    assert "| qaconv_weighted − qaconv | ≈" in table and "> +0." in table
+
+
 def test_predicted_pair_types_need_a_confidently_hidden_region():
     maps = torch.ones(3, 1, 7, 7)
     maps[1, :, 4:] = 0.05  # a niqab: the lower 3 of 7 rows hidden
@@ -190,6 +226,8 @@ def test_eval_command_on_an_lfw_style_protocol(tmp_path, tiny_model_dir, capsys)
     for name in ("report.md", "roc.png", "histograms.png", "visibility_grid.png"):
         assert (out / name).is_file()
     assert "| qaconv_weighted |" in capsys.readouterr().out
+    assert metrics["comparisons"]["qaconv_weighted-vs-qaconv"]["occluded-clean"]["pairs"] == 8
+    assert "| qaconv_weighted − qaconv |" in (out / "report.md").read_text()
 
 
 def test_eval_command_with_identification_on_a_folder(tmp_path, tiny_model_dir, capsys):

@@ -6,7 +6,7 @@ import torch
 
 from occface.config import ConfigError, load_config
 from occface.demo import default_config_path, run_demo
-from occface.evaluate import fuse, threshold_at_far
+from occface.evaluate import calibrated_fusion_weight, evaluate_occlusion_pairs, fuse, threshold_at_far
 from occface.models.occface import OccFaceModel
 from occface.train import MultiTaskModule, Trainer, TrainingError, atomic_save, calibrate
 
@@ -61,8 +61,12 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     assert before_kill["step"] == 6 and before_kill["num_classes"] == 6
 
 
-def test_outputs_of_a_run(tmp_path):
-    summary = Trainer(tiny_config(tmp_path, "train.max_steps=2")).fit()
+def test_outputs_of_a_run(tmp_path, monkeypatch):
+    # A tiny run's sources barely separate anything, and the chosen weight would be the 0.5 the
+    # validation used to fuse with anyway; a lopsided choice shows which weight the validation uses.
+    monkeypatch.setattr("occface.train.choose_fusion_weights", lambda *args, **kwargs: {"all": 0.9})
+    trainer = Trainer(tiny_config(tmp_path, "train.max_steps=2"))
+    summary = trainer.fit()
     assert summary["steps"] == 2 and summary["validation"]["fused"]["all"]["pairs"] == 24
     for name in ("config.yaml", "summary.json", "checkpoints/last.ckpt", "checkpoints/best.ckpt", "images/step_000002.png"):
         assert (tmp_path / name).is_file(), name
@@ -74,6 +78,11 @@ def test_outputs_of_a_run(tmp_path):
     with torch.no_grad():
         out = model(images)
     assert out.occlusion.shape == (2, 1, 7, 7) and out.embedding.shape == (2, 512)
+    # The validation's fused figures are those of the exported model's own (calibrated) fusion.
+    metrics, _, _ = evaluate_occlusion_pairs(model, trainer.data.validation,
+                                             fusion_weight=calibrated_fusion_weight(model))
+    assert metrics["fused"]["all"]["auc"] == pytest.approx(summary["validation"]["fused"]["all"]["auc"])
+    assert metrics["fused"]["all"]["accuracy"] == pytest.approx(summary["validation"]["fused"]["all"]["accuracy"])
 
 
 def test_calibration_thresholds_the_fusion_it_stores():
@@ -154,14 +163,14 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
 def test_demo_end_to_end_at_tiny_size(tmp_path, capsys):
     report = run_demo(tmp_path, [*TINY, "train.max_steps=2"], eval_pairs=12)
     metrics = json.loads((report / "metrics.json").read_text())
-    assert set(metrics) == {"embedding", "qaconv", "qaconv_weighted", "fused", "visibility"}
+    assert set(metrics) == {"embedding", "qaconv", "qaconv_weighted", "fused", "visibility", "comparisons"}
     for source in ("embedding", "qaconv", "qaconv_weighted", "fused"):
         assert set(metrics[source]) == {"occluded-occluded", "occluded-clean", "clean-clean", "all"}
         assert {"accuracy", "tar@far=1e-2", "auc", "pairs"} <= set(metrics[source]["all"])
     for name in ("report.md", "roc.png", "visibility_grid.png"):
         assert (report / name).is_file()
     out = capsys.readouterr().out
-    assert "| qaconv_weighted |" in out and str(report) in out
+    assert "| qaconv_weighted |" in out and "| qaconv_weighted − qaconv |" in out and str(report) in out
 
 
 def test_train_command_and_resume_flag(tmp_path, capsys):

@@ -6,14 +6,15 @@ identities (clean-clean, occluded-clean and occluded-occluded pairs) and writes 
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from importlib import resources
 from pathlib import Path
 
 from .config import load_config
-from .evaluate import (OcclusionPairs, calibrated_fusion_weight, describe_fusion_weight, evaluate_occlusion_pairs,
-                       summary_table, write_report)
+from .evaluate import (OcclusionPairs, calibrated_fusion_weight, comparison_table, describe_fusion_weight,
+                       evaluate_occlusion_pairs, summary_table, write_report)
 from .models.occface import OccFaceModel
 from .train import Trainer, build_data
 
@@ -46,5 +47,8 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, eval_pairs: in
     report = write_report(out / "report", metrics, scores, pairs, features, "occface demo: procedural faces, held-out identities", extra)
     print("\nVerification accuracy on held-out identities (10-fold):\n")
     print(summary_table(metrics))
+    comparisons = json.loads((report / "metrics.json").read_text())["comparisons"]
+    print("\nROC AUC differences, 95% paired-bootstrap intervals over the pairs:\n")
+    print(comparison_table(comparisons))
     print(f"\nreport: {report} (total {time.perf_counter() - started:.0f} s)")
     return report

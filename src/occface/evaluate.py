@@ -312,6 +312,88 @@ def evaluate_pairs(scores: dict[str, np.ndarray], issame: np.ndarray, types: np.
     return metrics
 
 
+# The comparisons the report tests: does occlusion weighting help QAConv, does weighted QAConv beat
+# the embedding, and does the fusion beat its better part.
+COMPARISONS = (("qaconv_weighted", "qaconv"), ("qaconv_weighted", "embedding"), ("fused", "qaconv_weighted"))
+
+
+def _bootstrap_auc(scores: np.ndarray, issame: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """ROC AUC of one score set under each resample's pair multiplicities ``counts`` [R, N] -> [R]
+    (ties count one half, as in the Mann-Whitney statistic)."""
+    order = np.argsort(scores, kind="stable")
+    sorted_scores, same = scores[order], issame[order]
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])  # tie groups
+    weights = counts[:, order].astype(np.float64)
+    positives = np.add.reduceat(weights * same, starts, axis=1)  # [R, groups]
+    negatives = np.add.reduceat(weights * ~same, starts, axis=1)
+    negatives_below = np.cumsum(negatives, axis=1) - negatives
+    wins = (positives * (negatives_below + 0.5 * negatives)).sum(axis=1)
+    total = positives.sum(axis=1) * negatives.sum(axis=1)
+    return np.divide(wins, total, out=np.full(len(wins), np.nan), where=total > 0)
+
+
+def compare_sources(scores: dict[str, np.ndarray], issame: np.ndarray, types: np.ndarray,
+                    comparisons: tuple[tuple[str, str], ...] = COMPARISONS, resamples: int = 1000,
+                    seed: int = 0, chunk: int = 100) -> dict:
+    """Paired bootstrap of ROC AUC differences between score sources, per pair type.
+
+    Pairs are resampled with replacement (the same resample for both sources, so the difference
+    is paired) and the 2.5th and 97.5th percentiles of the AUC difference give a 95% interval.
+    The interval covers the sampling of pairs only: it says whether these pairs tell the two
+    sources apart for this model, not whether another training run would rank them the same.
+    Pairs that share images are treated as independent, so the interval is somewhat too narrow.
+
+    Returns ``{"A-vs-B": {pair_type: {"auc_difference", "ci95": [low, high], "pairs", "resamples"}}}``
+    for every comparison whose two sources are present.
+    """
+    issame = np.asarray(issame, bool)
+    result: dict = {}
+    for first, second in comparisons:
+        if first not in scores or second not in scores:
+            continue
+        by_type = result.setdefault(f"{first}-vs-{second}", {})
+        for pair_type in PAIR_TYPES:
+            chosen = np.ones(len(issame), bool) if pair_type == "all" else np.asarray(types) == pair_type
+            same = issame[chosen]
+            if not chosen.any() or same.all() or not same.any():
+                continue
+            a, b = np.asarray(scores[first], np.float64)[chosen], np.asarray(scores[second], np.float64)[chosen]
+            every = np.ones((1, len(same)))
+            observed = float(_bootstrap_auc(a, same, every)[0] - _bootstrap_auc(b, same, every)[0])
+            rng = np.random.default_rng(seed)
+            differences = []
+            for start in range(0, resamples, chunk):
+                rows = min(chunk, resamples - start)
+                drawn = rng.integers(0, len(same), size=(rows, len(same)))
+                offsets = (np.arange(rows)[:, None] * len(same) + drawn).ravel()
+                counts = np.bincount(offsets, minlength=rows * len(same)).reshape(rows, len(same))
+                differences.append(_bootstrap_auc(a, same, counts) - _bootstrap_auc(b, same, counts))
+            low, high = np.nanpercentile(np.concatenate(differences), [2.5, 97.5])
+            by_type[pair_type] = {"auc_difference": observed, "ci95": [float(low), float(high)],
+                                  "pairs": len(same), "resamples": resamples}
+    return result
+
+
+def comparison_table(comparisons: dict) -> str:
+    """A Markdown table of AUC differences with their 95% intervals; a difference whose interval
+    excludes 0 is marked as clear (``>`` or ``<``)."""
+    present = [t for t in PAIR_TYPES if any(t in c for c in comparisons.values())]
+    lines = ["| comparison | " + " | ".join(present) + " |", "|---|" + "---|" * len(present)]
+    for name, by_type in comparisons.items():
+        cells = []
+        for pair_type in present:
+            entry = by_type.get(pair_type)
+            if entry is None:
+                cells.append("—")
+                continue
+            low, high = entry["ci95"]
+            verdict = ">" if low > 0 else "<" if high < 0 else "≈"
+            cells.append(f"{verdict} {entry['auc_difference']:+.3f} [{low:+.3f}, {high:+.3f}]")
+        first, _, second = name.partition("-vs-")
+        lines.append(f"| {first} − {second} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def threshold_at_far(scores: np.ndarray, issame: np.ndarray, far: float) -> float:
     """The lowest threshold whose false-accept rate on these pairs is at most ``far``."""
     negatives = np.sort(np.asarray(scores)[~np.asarray(issame, bool)])[::-1]
@@ -526,12 +608,14 @@ def visibility_statistics(features: Features) -> dict:
 
 def write_report(out_dir: str | Path, metrics: dict, scores: dict[str, np.ndarray], pairs: OcclusionPairs,
                  features: Features, title: str, extra: dict | None = None, grid_faces: int = 16) -> Path:
-    """A report folder: ``metrics.json`` ({source: {pair_type: metrics}} plus ``visibility``),
+    """A report folder: ``metrics.json`` ({source: {pair_type: metrics}} plus ``visibility`` and
+    ``comparisons``, :func:`compare_sources`),
     ``report.md``, ``roc.png`` and ``visibility_grid.png`` (faces, predicted and true maps)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     visibility = visibility_statistics(features)
-    write_metrics({**metrics, "visibility": visibility}, out_dir / "metrics.json")
+    comparisons = compare_sources(scores, pairs.issame, pairs.types)
+    write_metrics({**metrics, "visibility": visibility, "comparisons": comparisons}, out_dir / "metrics.json")
     plot_roc(scores, pairs.issame, pairs.types, out_dir / "roc.png")
     occluded = np.flatnonzero(features.occluded.numpy())
     clean = np.flatnonzero(~features.occluded.numpy())
@@ -543,6 +627,9 @@ def write_report(out_dir: str | Path, metrics: dict, scores: dict[str, np.ndarra
     lines = [f"# {title}", "", "Verification accuracy (10-fold) by score source and pair type:", "",
              summary_table(metrics), "", "TAR at FAR 1e-2:", "", summary_table(metrics, "tar@far=1e-2"), "",
              "ROC AUC:", "", summary_table(metrics, "auc"), "", "EER:", "", summary_table(metrics, "eer"), "",
+             ("ROC AUC differences with 95% paired-bootstrap intervals over the pairs (`>` / `<`: the interval "
+              "excludes 0; `≈`: these pairs cannot tell the two apart; another training run may rank them "
+              "differently):"), "", comparison_table(comparisons), "",
              "Predicted visibility:", ""]
     lines += [f"- {key}: {'—' if value is None else f'{value:.3f}'}" for key, value in visibility.items()]
     if extra:

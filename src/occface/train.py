@@ -31,7 +31,7 @@ from .data import (ConcatFaceDataset, FaceDataset, IdentityBalancedSampler, Imag
                    adaface_augmentation)
 from .data.transforms import Compose
 from .evaluate import (OcclusionPairs, choose_fusion_weights, describe_fusion_weight, evaluate_occlusion_pairs,
-                       fuse, fusion_normalization, pair_strata, threshold_at_far, visibility_grid)
+                       evaluate_pairs, fuse, fusion_normalization, pair_strata, threshold_at_far, visibility_grid)
 from .losses import LossWeights, MarginHead, QAConvPairLoss, occlusion_loss
 from .models.checkpoint import load_adaface_checkpoint
 from .models.occface import ModelConfig, OccFaceModel
@@ -399,14 +399,20 @@ class Trainer:
         metrics = None
         if self.fabric.is_global_zero:
             model = self.module.model
-            metrics, scores, features = evaluate_occlusion_pairs(model, self.data.validation, device=self.fabric.device)
+            validation = self.data.validation
+            metrics, scores, features = evaluate_occlusion_pairs(model, validation, device=self.fabric.device)
             model.train()
-            self._strata = pair_strata(features, self.data.validation.pairs)
+            # The fusion is scored as the exported model will fuse: with the weights chosen on these pairs.
+            strata = pair_strata(features, validation.pairs)
+            self._calibration = calibrate(scores, validation.issame, strata, self.config.train.calibrate_fusion)
+            fused = fuse(scores["embedding"], scores["qaconv_weighted"], self._calibration["normalization"],
+                         self._calibration["fusion_weight"], strata)
+            metrics["fused"] = evaluate_pairs({"fused": fused}, validation.issame, validation.types,
+                                              validation.folds)["fused"]
             for source, by_type in metrics.items():
                 for pair_type, values in by_type.items():
                     if values.get("accuracy") is not None:
                         self.writer.add_scalar(f"val_{source}/{pair_type}", values["accuracy"], self.step)
-            self._scores = scores
             score = metrics["fused"]["all"]["accuracy"] or 0.0
             if score > self.best:
                 self.best = score
@@ -418,6 +424,5 @@ class Trainer:
         """Save the model for ``OccFaceModel.from_pretrained``, calibrated on the validation pairs."""
         model = self.module.model
         if metrics is not None:
-            model.config.calibration = calibrate(self._scores, self.data.validation.issame, self._strata,
-                                                 self.config.train.calibrate_fusion)
+            model.config.calibration = self._calibration
         model.save_pretrained(self.out_dir / "model")
