@@ -609,8 +609,8 @@ def visibility_statistics(features: Features) -> dict:
 def write_report(out_dir: str | Path, metrics: dict, scores: dict[str, np.ndarray], pairs: OcclusionPairs,
                  features: Features, title: str, extra: dict | None = None, grid_faces: int = 16) -> Path:
     """A report folder: ``metrics.json`` ({source: {pair_type: metrics}} plus ``visibility`` and
-    ``comparisons``, :func:`compare_sources`),
-    ``report.md``, ``roc.png`` and ``visibility_grid.png`` (faces, predicted and true maps)."""
+    ``comparisons`` from :func:`compare_sources`), ``report.md``, ``roc.png`` and
+    ``visibility_grid.png`` (faces, predicted and true maps)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     visibility = visibility_statistics(features)
