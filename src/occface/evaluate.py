@@ -11,7 +11,8 @@ Pair types: ``occluded-occluded``, ``occluded-clean``, ``clean-clean`` and ``all
 
 Metrics per (source, pair type): 10-fold accuracy (the threshold chosen on nine folds), ROC AUC,
 EER, and TAR at FAR 1e-1 / 1e-2 / 1e-3 / 1e-4 where there are enough negative pairs to measure
-it (at least 1/FAR; otherwise the entry is None and ``notes`` says why).
+it (at least 1/FAR; otherwise the entry is None and ``notes`` says why). Between sources, per pair
+type: the ROC AUC difference with a 95% paired-bootstrap interval (:func:`compare_sources`).
 """
 from __future__ import annotations
 
