@@ -8,9 +8,9 @@ from PIL import Image
 from conftest import write_png
 from occface.cli import main
 from occface.data import DataError, OcclusionDataset, ProceduralFaceDataset, ProceduralFaces
-from occface.evaluate import (Features, OcclusionPairs, _bootstrap_auc, choose_fusion_weights, compare_sources,
-                              comparison_table, describe_fusion_weight, fuse, fusion_normalization, identification, pair_kind, parse_occlusion_specs,
-                              predicted_occluded, threshold_at_far, verification_metrics)
+from occface.evaluate import (Features, OcclusionPairs, _bootstrap_auc, choose_fusion_weights, choose_strata_rule,
+                              compare_sources, comparison_table, describe_fusion_weight, fuse, fusion_normalization, identification, pair_kind, parse_occlusion_specs,
+                              predicted_occluded, strata_rule, threshold_at_far, verification_metrics)
 from occface.match import read_aligned_face
 from occface.models.occface import ModelConfig, OccFaceModel
 
@@ -192,6 +192,26 @@ def test_predicted_pair_types_need_a_confidently_hidden_region():
     assert predicted_occluded(maps, {"hidden_below": 0.5}).tolist() == [False, True, True]
     assert pair_kind(hidden[[0, 1, 1]], hidden[[2, 2, 1]]).tolist() == [
         "clean-clean", "occluded-clean", "occluded-occluded"]
+
+
+def test_strata_rule_is_chosen_on_labelled_faces():
+    """Masks hide far less of the map than niqabs: the chosen share must catch both and spare
+    clean faces whose maps have a few unsure cells; the model stores it and evaluation reads it."""
+    maps = torch.ones(30, 1, 14, 14)
+    maps[:10].view(10, -1)[:, :8] = 0.1  # clean faces, 8 of 196 cells (4%) unsure
+    maps[10:20].view(10, -1)[:, :30] = 0.05  # masks: 15% hidden
+    maps[20:].view(10, -1)[:, :110] = 0.05  # niqabs: 56% hidden
+    occluded = np.arange(30) >= 10
+    rule = choose_strata_rule(maps, occluded)
+    assert 8 / 196 < rule["hidden_share"] <= 30 / 196 and rule["hidden_below"] == 0.2
+    assert predicted_occluded(maps, rule).tolist() == occluded.tolist()
+    assert predicted_occluded(maps).sum() == 10  # the niqab-sized default misses the masks
+    assert choose_strata_rule(maps[10:], occluded[10:])["hidden_share"] == 0.25  # no clean faces: the default
+    scores = {"embedding": np.zeros(4), "qaconv_weighted": np.ones(4)}
+    model = OccFaceModel(ModelConfig(arch="ir_18", width=0.125, occlusion_hidden_channels=8))
+    assert strata_rule(model) is None
+    model.config.calibration = {"normalization": fusion_normalization(scores, None, rule)}
+    assert strata_rule(model) == rule
 
 
 def test_identification_ranks():

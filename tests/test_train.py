@@ -6,7 +6,8 @@ import torch
 
 from occface.config import ConfigError, load_config
 from occface.demo import default_config_path, run_demo
-from occface.evaluate import calibrated_fusion_weight, evaluate_occlusion_pairs, fuse, threshold_at_far
+from occface.evaluate import (calibrated_fusion_weight, choose_strata_rule, evaluate_occlusion_pairs, fuse, strata_rule,
+                              threshold_at_far)
 from occface.models.occface import OccFaceModel
 from occface.train import MultiTaskModule, Trainer, TrainingError, atomic_save, calibrate
 
@@ -81,8 +82,17 @@ def test_outputs_of_a_run(tmp_path, monkeypatch):
     # The validation's fused figures are those of the exported model's own (calibrated) fusion.
     metrics, _, _ = evaluate_occlusion_pairs(model, trainer.data.validation,
                                              fusion_weight=calibrated_fusion_weight(model))
+    assert strata_rule(model) == {"hidden_below": 0.2, "hidden_share": 0.25}  # the fixed rule by default
     assert metrics["fused"]["all"]["auc"] == pytest.approx(summary["validation"]["fused"]["all"]["auc"])
     assert metrics["fused"]["all"]["accuracy"] == pytest.approx(summary["validation"]["fused"]["all"]["accuracy"])
+
+
+def test_calibrated_strata_rule_is_stored_and_used(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "train.max_steps=1", "train.calibrate_strata=true"))
+    trainer.fit()
+    model = OccFaceModel.from_pretrained(tmp_path / "model")
+    _, _, features = evaluate_occlusion_pairs(model, trainer.data.validation)
+    assert strata_rule(model) == choose_strata_rule(features.occlusion, features.occluded.numpy())
 
 
 def test_calibration_thresholds_the_fusion_it_stores():

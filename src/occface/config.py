@@ -94,6 +94,10 @@ class TrainSection:
     val_pairs: int = 1000  # per pair type, drawn from held-out identities (they share images: cheap)
     val_identities: int = 0  # identities held out of training for validation (procedural/folder)
     calibrate_fusion: bool = True  # choose the fusion weight per pair type on the validation pairs (false: 0.5)
+    # Choose the strata rule's hidden share on the validation faces (false: the fixed 0.25, fitted to
+    # niqabs, which files most masked faces as clean). Off by default: on LFW it helps masked pairs and
+    # costs niqab pairs (see the README).
+    calibrate_strata: bool = False
     image_grid_every: int = 100
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     progress: bool = True

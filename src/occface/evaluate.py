@@ -82,9 +82,9 @@ def extract_features(model: OccFaceModel, dataset: Dataset, batch_size: int = 64
 def pair_scores(model: OccFaceModel, features: Features, pairs: np.ndarray, fusion_weight: FusionWeight = 0.5,
                 normalization: dict | None = None) -> dict[str, np.ndarray]:
     """Scores of every source for pairs [N, 2] of feature indices. ``fused`` z-scores the
-    embedding and weighted-QAConv scores per visibility stratum (:func:`pair_strata`) with
-    ``normalization`` (from :func:`fusion_normalization`) if given, otherwise with their mean and
-    std over these pairs."""
+    embedding and weighted-QAConv scores per visibility stratum (:func:`pair_strata`, with the
+    model's stored rule) with ``normalization`` (from :func:`fusion_normalization`) if given,
+    otherwise with their mean and std over these pairs."""
     left, right = torch.as_tensor(pairs[:, 0]), torch.as_tensor(pairs[:, 1])
     qaconv = cpu_matcher(model)
     scores = {
@@ -93,8 +93,9 @@ def pair_scores(model: OccFaceModel, features: Features, pairs: np.ndarray, fusi
         "qaconv_weighted": qaconv.score_pairs(features.feature_map[left], features.feature_map[right],
                                               features.occlusion[left], features.occlusion[right]).numpy(),
     }
-    strata = pair_strata(features, pairs, normalization)
-    stats = normalization or fusion_normalization(scores, strata)
+    rule = normalization or strata_rule(model)
+    strata = pair_strata(features, pairs, rule)
+    stats = normalization or fusion_normalization(scores, strata, rule)
     scores["fused"] = fuse(scores["embedding"], scores["qaconv_weighted"], stats, fusion_weight, strata)
     return scores
 
@@ -108,7 +109,9 @@ def cpu_matcher(model: OccFaceModel):
 # A face counts as occluded for score normalisation when at least HIDDEN_SHARE of its visibility map
 # is below HIDDEN_BELOW: a region confidently hidden, not a map that is unsure everywhere. On LFW with
 # a niqab (benchmark models) this matches the synthesised occlusion on 99.9-100% of the pairs; a rule
-# on the mean visibility (below 0.6) put 53 of the 7,701 clean faces among the occluded ones.
+# on the mean visibility (below 0.6) put 53 of the 7,701 clean faces among the occluded ones. These
+# are the defaults; a trained model stores the share chosen on its validation faces
+# (:func:`choose_strata_rule`), since a medical mask hides far less of the map than a niqab.
 HIDDEN_BELOW = 0.2
 HIDDEN_SHARE = 0.25
 
@@ -120,6 +123,29 @@ def predicted_occluded(occlusion: torch.Tensor, rule: dict | None = None) -> np.
     rule = rule or {}
     below, share = rule.get("hidden_below", HIDDEN_BELOW), rule.get("hidden_share", HIDDEN_SHARE)
     return ((occlusion.flatten(1) < below).float().mean(1) >= share).numpy()
+
+
+def choose_strata_rule(occlusion: torch.Tensor, occluded: np.ndarray, hidden_below: float = HIDDEN_BELOW) -> dict:
+    """The rule of :func:`predicted_occluded` that best tells occluded faces from clean ones on
+    labelled faces (validation faces with synthesised occluders): maps [N, 1, H, W] and the faces'
+    true flags [N] -> ``{"hidden_below", "hidden_share"}``, the share threshold with the best
+    balanced accuracy (the higher threshold on ties). Without both kinds of face: the defaults."""
+    occluded = np.asarray(occluded, bool)
+    if occluded.all() or not occluded.any():
+        return {"hidden_below": hidden_below, "hidden_share": HIDDEN_SHARE}
+    share = (occlusion.flatten(1) < hidden_below).float().mean(1).numpy().astype(np.float64)
+    values = np.unique(share)
+    candidates = np.concatenate([(values[:-1] + values[1:]) / 2, [values[-1] + 1e-6]])
+    flagged = share[None, :] >= candidates[:, None]  # [candidates, N]
+    balanced = (flagged[:, occluded].mean(1) + (~flagged[:, ~occluded]).mean(1)) / 2
+    best = np.flatnonzero(balanced >= balanced.max() - 1e-12)[-1]
+    return {"hidden_below": hidden_below, "hidden_share": float(round(candidates[best], 4))}
+
+
+def strata_rule(model: OccFaceModel) -> dict | None:
+    """The strata rule stored with a model's fusion normalisation (None: the defaults)."""
+    normalization = model.config.calibration.get("normalization") or {}
+    return {k: normalization[k] for k in ("hidden_below", "hidden_share") if k in normalization} or None
 
 
 def pair_kind(first_occluded: np.ndarray, second_occluded: np.ndarray) -> np.ndarray:
@@ -135,15 +161,18 @@ def pair_strata(features: Features, pairs: np.ndarray, rule: dict | None = None)
     return pair_types(predicted_occluded(features.occlusion, rule), pairs)
 
 
-def fusion_normalization(scores: dict[str, np.ndarray], strata: np.ndarray | None = None) -> dict:
+def fusion_normalization(scores: dict[str, np.ndarray], strata: np.ndarray | None = None,
+                         rule: dict | None = None) -> dict:
     """Mean and std of the two fused sources over a score set, per visibility stratum and over
-    all pairs, with the rule that gave the strata:
+    all pairs, with the rule that gave the strata (``rule``; None: the defaults):
     ``{"hidden_below": b, "hidden_share": s, source: {stratum or "all": [mean, std]}}``.
 
     An occluder shifts a global descriptor's scores for all pairs alike (two faces in the same
     niqab look alike whoever wears it), so one normalisation for every pair type would put
     occluded pairs on another scale than clean ones; each stratum gets its own."""
-    result: dict = {"hidden_below": HIDDEN_BELOW, "hidden_share": HIDDEN_SHARE}
+    rule = rule or {}
+    result: dict = {"hidden_below": rule.get("hidden_below", HIDDEN_BELOW),
+                    "hidden_share": rule.get("hidden_share", HIDDEN_SHARE)}
     for source in ("embedding", "qaconv_weighted"):
         values = np.asarray(scores[source], np.float64)
         result[source] = {"all": [float(values.mean()), float(values.std() + 1e-12)]}
@@ -675,9 +704,11 @@ def identification(model: OccFaceModel, gallery: Features, probe: Features, gall
         "qaconv_weighted": qaconv.score_all(probe.feature_map, gallery.feature_map, probe.occlusion, gallery.occlusion,
                                             progress=progress).numpy(),
     }
-    strata = pair_kind(predicted_occluded(probe.occlusion)[:, None], predicted_occluded(gallery.occlusion)[None, :])
+    rule = strata_rule(model)
+    strata = pair_kind(predicted_occluded(probe.occlusion, rule)[:, None],
+                       predicted_occluded(gallery.occlusion, rule)[None, :])
     matrices["fused"] = fuse(matrices["embedding"], matrices["qaconv_weighted"],
-                             fusion_normalization(matrices, strata), fusion_weight, strata)
+                             fusion_normalization(matrices, strata, rule), fusion_weight, strata)
     result = {}
     for source, matrix in matrices.items():
         order = np.argsort(-matrix, axis=1)

@@ -30,8 +30,9 @@ from .data import (ConcatFaceDataset, FaceDataset, IdentityBalancedSampler, Imag
                    OcclusionSynthesizer, ProceduralFaceDataset, ProceduralFaces, RecordIODataset, SynthesizeOcclusion,
                    adaface_augmentation)
 from .data.transforms import Compose
-from .evaluate import (OcclusionPairs, choose_fusion_weights, describe_fusion_weight, evaluate_occlusion_pairs,
-                       evaluate_pairs, fuse, fusion_normalization, pair_strata, threshold_at_far, visibility_grid)
+from .evaluate import (OcclusionPairs, choose_fusion_weights, choose_strata_rule, describe_fusion_weight,
+                       evaluate_occlusion_pairs, evaluate_pairs, fuse, fusion_normalization, pair_strata,
+                       threshold_at_far, visibility_grid)
 from .losses import LossWeights, MarginHead, QAConvPairLoss, occlusion_loss
 from .models.checkpoint import load_adaface_checkpoint
 from .models.occface import ModelConfig, OccFaceModel
@@ -173,13 +174,13 @@ def lr_factor(step: int, config: Config) -> float:
 
 
 def calibrate(scores: dict[str, np.ndarray], issame: np.ndarray, strata: np.ndarray, choose_weights: bool = True,
-              far: float = 0.01) -> dict:
+              far: float = 0.01, rule: dict | None = None) -> dict:
     """What a model stores from its validation pairs (scores of every source, labels, predicted
-    visibility strata): the fusion's normalisation, its weights per stratum
-    (:func:`choose_fusion_weights`; the spec's 0.5 if ``choose_weights`` is false), and each
+    visibility strata and the ``rule`` that gave them): the fusion's normalisation, its weights per
+    stratum (:func:`choose_fusion_weights`; the spec's 0.5 if ``choose_weights`` is false), and each
     source's threshold at ``far``, the fused scores recomputed with those weights."""
     scores = dict(scores)
-    normalization = fusion_normalization(scores, strata)
+    normalization = fusion_normalization(scores, strata, rule)
     weight = choose_fusion_weights(scores, issame, strata) if choose_weights else 0.5
     scores["fused"] = fuse(scores["embedding"], scores["qaconv_weighted"], normalization, weight, strata)
     log.info("fusion weight of the embedding: %s", describe_fusion_weight(weight))
@@ -402,9 +403,13 @@ class Trainer:
             validation = self.data.validation
             metrics, scores, features = evaluate_occlusion_pairs(model, validation, device=self.fabric.device)
             model.train()
-            # The fusion is scored as the exported model will fuse: with the weights chosen on these pairs.
-            strata = pair_strata(features, validation.pairs)
-            self._calibration = calibrate(scores, validation.issame, strata, self.config.train.calibrate_fusion)
+            # The fusion is scored as the exported model will fuse: with the strata rule and the
+            # weights chosen on these pairs.
+            rule = (choose_strata_rule(features.occlusion, features.occluded.numpy())
+                    if self.config.train.calibrate_strata else None)
+            strata = pair_strata(features, validation.pairs, rule)
+            self._calibration = calibrate(scores, validation.issame, strata, self.config.train.calibrate_fusion,
+                                          rule=rule)
             fused = fuse(scores["embedding"], scores["qaconv_weighted"], self._calibration["normalization"],
                          self._calibration["fusion_weight"], strata)
             metrics["fused"] = evaluate_pairs({"fused": fused}, validation.issame, validation.types,
