@@ -109,9 +109,10 @@ def cpu_matcher(model: OccFaceModel):
 # A face counts as occluded for score normalisation when at least HIDDEN_SHARE of its visibility map
 # is below HIDDEN_BELOW: a region confidently hidden, not a map that is unsure everywhere. On LFW with
 # a niqab (benchmark models) this matches the synthesised occlusion on 99.9-100% of the pairs; a rule
-# on the mean visibility (below 0.6) put 53 of the 7,701 clean faces among the occluded ones. These
-# are the defaults; a trained model stores the share chosen on its validation faces
-# (:func:`choose_strata_rule`), since a medical mask hides far less of the map than a niqab.
+# on the mean visibility (below 0.6) put 53 of the 7,701 clean faces among the occluded ones. A
+# medical mask hides far less of the map than a niqab, and most masked faces fall below this share;
+# with ``train.calibrate_strata`` a model stores a share chosen on its validation faces instead
+# (:func:`choose_strata_rule`).
 HIDDEN_BELOW = 0.2
 HIDDEN_SHARE = 0.25
 
