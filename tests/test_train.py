@@ -102,13 +102,14 @@ def test_calibration_thresholds_the_fusion_it_stores():
     scores = {"embedding": np.where(strata == "clean-clean", issame * 2.0, 0) + rng.normal(0, 1, 400),
               "qaconv": rng.normal(0, 1, 400), "qaconv_weighted": issame * 1.0 + rng.normal(0, 1, 400),
               "fused": np.zeros(400)}  # the validation's fusion at 0.5: replaced
-    calibration = calibrate(scores, issame, strata)
+    calibration, stored_fused = calibrate(scores, issame, strata)
     weight = calibration["fusion_weight"]
     assert weight["occluded-clean"] < 0.2 < weight["clean-clean"]
     fused = fuse(scores["embedding"], scores["qaconv_weighted"], calibration["normalization"], weight, strata)
     assert calibration["fused"]["threshold"] == threshold_at_far(fused, issame, 0.01)
+    np.testing.assert_array_equal(stored_fused, fused)
     assert calibration["qaconv"]["threshold"] == threshold_at_far(scores["qaconv"], issame, 0.01)
-    assert calibrate(scores, issame, strata, choose_weights=False)["fusion_weight"] == 0.5
+    assert calibrate(scores, issame, strata, choose_weights=False)[0]["fusion_weight"] == 0.5
 
 
 def test_non_finite_losses_skip_the_update_then_stop_the_run(tmp_path, monkeypatch):

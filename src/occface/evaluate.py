@@ -378,30 +378,31 @@ def compare_sources(scores: dict[str, np.ndarray], issame: np.ndarray, types: np
     for every comparison whose two sources are present.
     """
     issame = np.asarray(issame, bool)
-    result: dict = {}
-    for first, second in comparisons:
-        if first not in scores or second not in scores:
+    comparisons = tuple((a, b) for a, b in comparisons if a in scores and b in scores)
+    needed = sorted({source for pair in comparisons for source in pair})
+    result: dict = {f"{a}-vs-{b}": {} for a, b in comparisons}
+    for pair_type in PAIR_TYPES:
+        chosen = np.ones(len(issame), bool) if pair_type == "all" else np.asarray(types) == pair_type
+        same = issame[chosen]
+        if not chosen.any() or same.all() or not same.any():
             continue
-        by_type = result.setdefault(f"{first}-vs-{second}", {})
-        for pair_type in PAIR_TYPES:
-            chosen = np.ones(len(issame), bool) if pair_type == "all" else np.asarray(types) == pair_type
-            same = issame[chosen]
-            if not chosen.any() or same.all() or not same.any():
-                continue
-            a, b = np.asarray(scores[first], np.float64)[chosen], np.asarray(scores[second], np.float64)[chosen]
-            every = np.ones((1, len(same)))
-            observed = float(_bootstrap_auc(a, same, every)[0] - _bootstrap_auc(b, same, every)[0])
-            rng = np.random.default_rng(seed)
-            differences = []
-            for start in range(0, resamples, chunk):
-                rows = min(chunk, resamples - start)
-                drawn = rng.integers(0, len(same), size=(rows, len(same)))
-                offsets = (np.arange(rows)[:, None] * len(same) + drawn).ravel()
-                counts = np.bincount(offsets, minlength=rows * len(same)).reshape(rows, len(same))
-                differences.append(_bootstrap_auc(a, same, counts) - _bootstrap_auc(b, same, counts))
-            low, high = np.nanpercentile(np.concatenate(differences), [2.5, 97.5])
-            by_type[pair_type] = {"auc_difference": observed, "ci95": [float(low), float(high)],
-                                  "pairs": len(same), "resamples": resamples}
+        values = {source: np.asarray(scores[source], np.float64)[chosen] for source in needed}
+        every = np.ones((1, len(same)))
+        observed = {source: float(_bootstrap_auc(v, same, every)[0]) for source, v in values.items()}
+        resampled: dict[str, list[np.ndarray]] = {source: [] for source in needed}
+        rng = np.random.default_rng(seed)
+        for start in range(0, resamples, chunk):  # one set of resamples, shared by every source
+            rows = min(chunk, resamples - start)
+            drawn = rng.integers(0, len(same), size=(rows, len(same)))
+            offsets = (np.arange(rows)[:, None] * len(same) + drawn).ravel()
+            counts = np.bincount(offsets, minlength=rows * len(same)).reshape(rows, len(same))
+            for source, v in values.items():
+                resampled[source].append(_bootstrap_auc(v, same, counts))
+        for a, b in comparisons:
+            low, high = np.nanpercentile(np.concatenate(resampled[a]) - np.concatenate(resampled[b]), [2.5, 97.5])
+            result[f"{a}-vs-{b}"][pair_type] = {"auc_difference": observed[a] - observed[b],
+                                                "ci95": [float(low), float(high)],
+                                                "pairs": len(same), "resamples": resamples}
     return result
 
 

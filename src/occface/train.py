@@ -174,11 +174,12 @@ def lr_factor(step: int, config: Config) -> float:
 
 
 def calibrate(scores: dict[str, np.ndarray], issame: np.ndarray, strata: np.ndarray, choose_weights: bool = True,
-              far: float = 0.01, rule: dict | None = None) -> dict:
+              far: float = 0.01, rule: dict | None = None) -> tuple[dict, np.ndarray]:
     """What a model stores from its validation pairs (scores of every source, labels, predicted
     visibility strata and the ``rule`` that gave them): the fusion's normalisation, its weights per
     stratum (:func:`choose_fusion_weights`; the spec's 0.5 if ``choose_weights`` is false), and each
-    source's threshold at ``far``, the fused scores recomputed with those weights."""
+    source's threshold at ``far``, the fused one on the fused scores recomputed with those weights.
+    Returns (calibration, those fused scores [N])."""
     scores = dict(scores)
     normalization = fusion_normalization(scores, strata, rule)
     weight = choose_fusion_weights(scores, issame, strata) if choose_weights else 0.5
@@ -187,7 +188,7 @@ def calibrate(scores: dict[str, np.ndarray], issame: np.ndarray, strata: np.ndar
     calibration: dict = {source: {"far": far, "threshold": threshold_at_far(values, issame, far)}
                          for source, values in scores.items()}
     calibration.update(normalization=normalization, fusion_weight=weight)
-    return calibration
+    return calibration, scores["fused"]
 
 
 def atomic_save(state: dict, path: Path) -> None:
@@ -408,10 +409,8 @@ class Trainer:
             rule = (choose_strata_rule(features.occlusion, features.occluded.numpy())
                     if self.config.train.calibrate_strata else None)
             strata = pair_strata(features, validation.pairs, rule)
-            self._calibration = calibrate(scores, validation.issame, strata, self.config.train.calibrate_fusion,
-                                          rule=rule)
-            fused = fuse(scores["embedding"], scores["qaconv_weighted"], self._calibration["normalization"],
-                         self._calibration["fusion_weight"], strata)
+            self._calibration, fused = calibrate(scores, validation.issame, strata,
+                                                 self.config.train.calibrate_fusion, rule=rule)
             metrics["fused"] = evaluate_pairs({"fused": fused}, validation.issame, validation.types,
                                               validation.folds)["fused"]
             for source, by_type in metrics.items():
