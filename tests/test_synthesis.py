@@ -123,13 +123,13 @@ def test_synth_check_and_show_end_to_end(tmp_path, capsys):
     assert "identities: 3" in out and "masks: 12" in out and "mean visibility" in out and "no problems found" in out
     sheet = contact_sheet(tmp_path / "occ", tmp_path / "sheet.png", count=6, columns=3)
     assert sheet.is_file()
-    # Break two files: check-data lists both and exits 1.
+    # Break two files: check-data lists both and exits 2 (bad input).
     manifest_rows = (tmp_path / "occ" / "manifest.csv").read_text().splitlines()
     first_mask = manifest_rows[1].split(",")[1]
     (tmp_path / "occ" / first_mask).unlink()
     second_image = manifest_rows[2].split(",")[0]
     (tmp_path / "occ" / second_image).write_bytes(b"broken")
-    assert main(["check-data", str(tmp_path / "occ")]) == 1
+    assert main(["check-data", str(tmp_path / "occ")]) == 2
     out = capsys.readouterr().out
     assert "2 problem(s)" in out and first_mask in out and second_image in out
 

@@ -6,6 +6,7 @@ import torch
 
 from occface.config import ConfigError, load_config
 from occface.demo import default_config_path, run_demo
+from occface.errors import InputError
 from occface.evaluate import (calibrated_fusion_weight, choose_strata_rule, evaluate_occlusion_pairs, fuse, strata_rule,
                               threshold_at_far)
 from occface.models.occface import OccFaceModel
@@ -167,7 +168,7 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(TrainingError, match="no checkpoint to resume from"):
+    with pytest.raises(InputError, match="no checkpoint to resume from"):
         Trainer(tiny_config(tmp_path, "train.max_steps=1"), resume=True).fit()
 
 

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from . import __version__
+from .data.errors import DataProblems
+from .errors import InputError
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -29,7 +32,9 @@ def _check_data(args: argparse.Namespace) -> int:
 
     report = check_data(args.path, decode_limit=args.limit)
     print("\n".join(report.lines()))
-    return 1 if report.problems else 0
+    if report.problems:
+        raise InputError(f"{args.path}: {len(report.problems)} problem(s) found (listed above)")
+    return 0
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -128,16 +133,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="occface", description="occface: occlusion-aware face recognition")
     parser.add_argument("--version", action="version", version=f"occface {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also OCCFACE_DEBUG=1)")
+    # The same two flags after the command name; SUPPRESS keeps a flag given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error (also OCCFACE_DEBUG=1)")
     commands = parser.add_subparsers(dest="command", required=True)
-    info = commands.add_parser("info", help="versions, device and the backbone architectures")
+
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[common], **kwargs)
+
+    info = command("info", help="versions, device and the backbone architectures")
     info.set_defaults(run=_info)
 
-    demo = commands.add_parser("demo", help="end-to-end run on embedded procedural faces (CPU, minutes)")
+    demo = command("demo", help="end-to-end run on embedded procedural faces (CPU, minutes)")
     demo.add_argument("--out", default="occface-demo", help="output folder (report in OUT/report)")
     demo.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     demo.set_defaults(run=_demo)
 
-    evaluate = commands.add_parser("eval", help="verification (and identification) with and without occlusion weighting")
+    evaluate = command("eval", help="verification (and identification) with and without occlusion weighting")
     evaluate.add_argument("--model", required=True, help="model directory (config.json + model.safetensors)")
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--pairs", help="LFW-style pairs.txt (with --root)")
@@ -159,25 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu")
     evaluate.set_defaults(run=_eval)
 
-    matcher = commands.add_parser("match", help="score two aligned faces and draw their correspondences")
+    matcher = command("match", help="score two aligned faces and draw their correspondences")
     matcher.add_argument("first")
     matcher.add_argument("second")
     matcher.add_argument("--model", required=True)
     matcher.add_argument("--out", default=None, help="picture path (default: beside the first image)")
     matcher.set_defaults(run=_match)
 
-    train = commands.add_parser("train", help="multi-task training from a YAML config")
+    train = command("train", help="multi-task training from a YAML config")
     train.add_argument("--config", required=True, help="YAML file (see configs/)")
     train.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     train.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoints/last.ckpt")
     train.set_defaults(run=_train)
 
-    check = commands.add_parser("check-data", help="validate a dataset and summarise it; exit 1 listing every problem")
+    check = command("check-data", help="validate a dataset and summarise it; exit 2 listing every problem")
     check.add_argument("path", help="image folder, occlusion dataset (manifest.csv or kept_faces/masks), .rec or .bin")
     check.add_argument("--limit", type=int, default=None, help="decode at most this many RecordIO/.bin images")
     check.set_defaults(run=_check_data)
 
-    synth = commands.add_parser("synth", help="composite occluders onto aligned faces, with exact masks")
+    synth = command("synth", help="composite occluders onto aligned faces, with exact masks")
     synth.add_argument("--faces", required=True, help="identity folder of aligned 112x112 faces")
     synth.add_argument("--out", required=True, help="output directory (manifest layout)")
     synth.add_argument("--occluders", default=None, help="directory of RGBA overlays (default: procedural occluders)")
@@ -186,14 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=_synth)
 
-    show = commands.add_parser("show-data", help="contact sheet PNG of faces with their masks overlaid")
+    show = command("show-data", help="contact sheet PNG of faces with their masks overlaid")
     show.add_argument("path")
     show.add_argument("--out", default=None, help="PNG path (default: PATH/contact_sheet.png)")
     show.add_argument("--count", type=int, default=48)
     show.add_argument("--seed", type=int, default=0)
     show.set_defaults(run=_show_data)
 
-    faces = commands.add_parser("faces", help="generate procedural faces as an image folder")
+    faces = command("faces", help="generate procedural faces as an image folder")
     faces.add_argument("--out", required=True)
     faces.add_argument("--identities", type=int, default=40)
     faces.add_argument("--images", type=int, default=20, help="images per identity")
@@ -202,10 +217,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_line(command: str, error: BaseException) -> tuple[int, str]:
+    """(exit code, message) for an exception that ended a command: 2 for bad input (the message
+    names the file and the problem), 1 for a failure of occface itself."""
+    if isinstance(error, DataProblems):
+        shown = "".join(f"\n  - {p}" for p in error.problems[:20])
+        more = f"\n  ... and {len(error.problems) - 20} more" if len(error.problems) > 20 else ""
+        return 2, f"occface {command}: error: {error.source}: {len(error.problems)} problem(s) found{shown}{more}"
+    if isinstance(error, InputError):
+        return 2, f"occface {command}: error: {error}"
+    if isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return 2, f"occface {command}: error: {error.filename}: {error.strerror or error}"
+    return 1, (f"occface {command}: internal error: {type(error).__name__}: {error} "
+               "(a failure of occface itself; rerun with --debug for the traceback, and report it)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. Errors print one line, ``occface <command>: error: <message>``, and exit 2 for
+    bad input or 1 for a failure of occface; ``--debug`` (or ``OCCFACE_DEBUG=1``) shows the traceback."""
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("OCCFACE_DEBUG", "").strip() not in ("", "0")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return args.run(args)
+    try:
+        return args.run(args)
+    except BrokenPipeError:  # e.g. `occface info | head`: the reader has gone; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        print(f"occface {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the one place errors become exit codes
+        if debug:
+            raise
+        code, message = _error_line(args.command, error)
+        print(message, file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -6,21 +6,33 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
+from .data.masks import MASK_MODES
+from .errors import InputError
+from .losses import MARGIN_KINDS
+from .models import ARCHITECTURES, FEATURE_LEVELS
 
-class ConfigError(ValueError):
+# Settings with a fixed set of values: a typo is an error that lists them.
+Architecture = Literal[ARCHITECTURES]  # type: ignore[valid-type]
+FeatureLevel = Literal[FEATURE_LEVELS]  # type: ignore[valid-type]
+MarginKind = Literal[MARGIN_KINDS]  # type: ignore[valid-type]
+MaskMode = Literal[MASK_MODES]  # type: ignore[valid-type]
+
+
+class ConfigError(InputError):
     """A configuration file or override that does not fit the schema."""
 
 
 @dataclass
 class ModelSection:
-    arch: str = "ir_50"
-    feature_level: str = "block4"  # block4: 7x7 maps at 112 input; block3: 14x14
-    input_size: int = 112
+    arch: Architecture = "ir_50"
+    feature_level: FeatureLevel = "block4"  # block4: 7x7 maps at 112 input; block3: 14x14
+    input_size: Literal[112, 224] = 112
     width: float = 1.0
-    color_space: str = "RGB"  # set to BGR when starting from AdaFace weights
+    color_space: Literal["RGB", "BGR"] = "RGB"  # set to BGR when starting from AdaFace weights
     occlusion_hidden_channels: int = 128
     init_from: str | None = None  # an AdaFace checkpoint (.ckpt / state dict / .safetensors)
     freeze_backbone: bool = False
@@ -29,7 +41,7 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    source: str = "procedural"  # procedural | folder | recordio | occlusion
+    source: Literal["procedural", "folder", "recordio", "occlusion"] = "procedural"  # procedural | folder | recordio | occlusion
     path: str | None = None
     identities: list[str] | None = None  # folder: restrict to these identity folders
     split_file: str | None = None  # JSON with "train" (and "test": validation) identities, e.g. faces112_split.json
@@ -53,7 +65,7 @@ class DataSection:
 
 @dataclass
 class LossSection:
-    head: str = "adaface"  # adaface | arcface | cosface
+    head: MarginKind = "adaface"  # adaface | arcface | cosface
     m: float = 0.4
     h: float = 0.333
     s: float = 64.0
@@ -64,17 +76,17 @@ class LossSection:
     occlusion_weight_start: float = 0.1
     occlusion_warmup_steps: int = 0
     triplet_margin: float | None = None
-    mask_downsampling: str = "area"
+    mask_downsampling: MaskMode = "area"
 
 
 @dataclass
 class OptimSection:
-    name: str = "sgd"  # sgd | adamw
+    name: Literal["sgd", "adamw"] = "sgd"  # sgd | adamw
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_steps: int = 0
-    schedule: str = "multistep"  # multistep | cosine | constant
+    schedule: Literal["multistep", "cosine", "constant"] = "multistep"  # multistep | cosine | constant
     milestones: list[int] = field(default_factory=list)  # steps, for multistep
     gamma: float = 0.1
     clip_grad_norm: float | None = 5.0
@@ -135,7 +147,13 @@ def _build(cls: type, values: dict, where: str):
 
 def _check_type(value, hint, where: str):
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    choices: tuple = ()
     for option in options:
+        if typing.get_origin(option) is Literal:
+            choices += typing.get_args(option)
+            if value in choices and type(value) in {type(v) for v in choices}:
+                return value
+            continue
         origin = typing.get_origin(option) or option
         if option is type(None) and value is None:
             return None
@@ -145,6 +163,8 @@ def _check_type(value, hint, where: str):
             return value
         if origin in (int, str, bool) and isinstance(value, origin) and not (origin is int and isinstance(value, bool)):
             return value
+    if choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
     raise ConfigError(f"{where}: {value!r} is not a valid {hint}")
 
 

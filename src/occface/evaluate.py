@@ -28,7 +28,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .data.datasets import FaceDataset, FaceSample, RawSample
+from .data.errors import DataError
 from .data.images import resize_image, resize_mask
+from .errors import InputError
 from .models.occface import OccFaceModel
 
 log = logging.getLogger(__name__)
@@ -61,9 +63,9 @@ def extract_features(model: OccFaceModel, dataset: Dataset, batch_size: int = 64
     model = model.to(device).eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
-        loader = tqdm(loader, desc="features", unit="batch")
+        loader = progress_bar(loader, desc="features", unit="batch")
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("embedding", "feature_map", "occlusion", "occluded", "mask")}
     for batch in loader:
         batch: FaceSample
@@ -200,8 +202,9 @@ def fuse(embedding: np.ndarray, qaconv_weighted: np.ndarray, normalization: dict
     """w * z(embedding) + (1 - w) * z(weighted QAConv), z-scored with the statistics of each
     pair's visibility stratum (``strata``, same shape as the scores; statistics over all pairs
     where it is None or the stratum has none). ``weight``: one number, or ``{stratum or "all": w}``
-    (:func:`choose_fusion_weights`). Older models store one [mean, std] per source."""
-    shape = np.shape(embedding)
+    (:func:`choose_fusion_weights`). Older models store one [mean, std] per source. The result has
+    the broadcast shape of the scores and ``strata`` (one pair's scalars with a [1] stratum: [1])."""
+    shape = np.broadcast_shapes(np.shape(embedding), np.shape(qaconv_weighted), np.shape(strata) if strata is not None else ())
     w = per_stratum(weight if isinstance(weight, dict) else {"all": weight}, shape, strata)
     fused = np.zeros(shape, np.float64)
     for source, values, share in (("embedding", embedding, w), ("qaconv_weighted", qaconv_weighted, 1 - w)):
@@ -571,7 +574,7 @@ class OcclusionPairs:
         multi = [label for label, members in by_label.items() if len(members) >= 2]
         labels = list(by_label)
         if not multi or len(labels) < 2:
-            raise ValueError("pairs need an identity with two images and at least two identities")
+            raise InputError("pairs need an identity with two images and at least two identities")
         base_pairs, issame = [], []
         for k in range(pairs_per_type):
             if k % 2 == 0:
@@ -730,13 +733,28 @@ def parse_occlusion_specs(specs: list[str]) -> tuple[list[str], list[str]]:
             continue
         kind_text, sep, side = spec.partition(":")
         if not sep or side not in ("probe", "both"):
-            raise ValueError(f"--occlude {spec!r}: expected none, KIND:probe or KIND:both (KIND e.g. niqab or niqab+mask)")
+            raise InputError(f"--occlude {spec!r}: expected none, KIND:probe or KIND:both (KIND e.g. niqab or niqab+mask)")
         spec_kinds = kind_text.split("+")
         if kinds is not None and spec_kinds != kinds:
-            raise ValueError("all --occlude specs must use the same occluder kinds")
+            raise InputError("all --occlude specs must use the same occluder kinds")
         kinds = spec_kinds
         sides.append(side)
     return sides, kinds or []
+
+
+def read_occluded_list(path: str | Path, image_root: str | Path | None) -> set[str]:
+    """The names in an occluded-list file (paths relative to ``image_root``, one a line; for a .bin,
+    ``NAME.bin#INDEX``). A name that is no file under ``image_root`` is an error, not a silent no-op."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: occluded-list file not found")
+    listed = {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    if image_root is not None:
+        unknown = sorted(name for name in listed if not (Path(image_root) / name).is_file())
+        if unknown:
+            raise DataError(f"{path}: {len(unknown)} name(s) are no image under {image_root}, e.g. {unknown[:3]} "
+                            "(the list holds paths relative to the image root, one a line)")
+    return listed
 
 
 def run_eval(model_dir: str | Path, out_dir: str | Path, *, pairs_file: str | Path | None = None,
@@ -758,9 +776,8 @@ def run_eval(model_dir: str | Path, out_dir: str | Path, *, pairs_file: str | Pa
         fusion_weight = calibrated_fusion_weight(model)
     sides, kinds = parse_occlusion_specs(occlude or ["none"])
     synthesizer = OcclusionSynthesizer.from_directory(occluders, kinds) if kinds else None
-    listed = set()
-    if occluded_list:
-        listed = {line.strip() for line in Path(occluded_list).read_text().splitlines() if line.strip()}
+    image_root = folder if folder is not None else root
+    listed = read_occluded_list(occluded_list, image_root) if occluded_list else set()
     common = dict(color_space=model.color_space, input_size=model.config.input_size)
     identification_result = None
     if folder is not None:
@@ -792,10 +809,10 @@ def run_eval(model_dir: str | Path, out_dir: str | Path, *, pairs_file: str | Pa
             pair_set = read_bin(bin_file)
         elif pairs_file is not None:
             if root is None:
-                raise ValueError("--pairs needs --root, the folder the pairs file's names refer to")
+                raise InputError("--pairs needs --root, the folder the pairs file's names refer to")
             pair_set = read_pairs_txt(pairs_file, root)
         else:
-            raise ValueError("give --pairs with --root, --bin or --folder")
+            raise InputError("give --pairs with --root, --bin or --folder")
         base = ImageListDataset(pair_set.images, **common)
         pairs = OcclusionPairs.from_pairs(base, pair_set.pairs, pair_set.issame, pair_set.folds, sides, synthesizer,
                                           seed, pair_set.image_names, listed)

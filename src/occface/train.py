@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .config import Config, save_config
+from .config import Config, ConfigError, save_config
 from .data import (ConcatFaceDataset, FaceDataset, IdentityBalancedSampler, ImageFolderDataset, OcclusionDataset,
                    OcclusionSynthesizer, ProceduralFaceDataset, ProceduralFaces, RecordIODataset, SynthesizeOcclusion,
                    adaface_augmentation)
 from .data.transforms import Compose
+from .errors import InputError
 from .evaluate import (OcclusionPairs, choose_fusion_weights, choose_strata_rule, describe_fusion_weight,
                        evaluate_occlusion_pairs, evaluate_pairs, fuse, fusion_normalization, pair_strata,
                        threshold_at_far, visibility_grid)
@@ -97,13 +98,13 @@ def build_data(config: Config) -> DataBundle:
         faces = ProceduralFaces(data.procedural_identities, data.procedural_images, data.procedural_seed, config.model.input_size)
         split = data.procedural_identities - train.val_identities
         if split < 2:
-            raise ValueError(f"data.procedural_identities={data.procedural_identities} leaves {split} training identities")
+            raise ConfigError(f"data.procedural_identities={data.procedural_identities} leaves {split} training identities")
         dataset: FaceDataset = ProceduralFaceDataset(faces, list(range(split)), transform=transform, **common)
         if train.val_identities:
             holdout = ProceduralFaceDataset(faces, list(range(split, data.procedural_identities)), **common)
     elif data.source == "folder":
         if data.path is None:
-            raise ValueError("data.source=folder needs data.path")
+            raise ConfigError("data.source=folder needs data.path")
         names, held_out = data.identities, None
         if data.split_file:
             split = json.loads(Path(data.split_file).read_text())
@@ -125,11 +126,11 @@ def build_data(config: Config) -> DataBundle:
             dataset = ConcatFaceDataset([dataset, *extra])
     elif data.source == "recordio":
         if data.path is None:
-            raise ValueError("data.source=recordio needs data.path (the .rec file)")
+            raise ConfigError("data.source=recordio needs data.path (the .rec file)")
         dataset = RecordIODataset(data.path, transform=transform, **common)
     elif data.source == "occlusion":
         if data.path is None:
-            raise ValueError("data.source=occlusion needs data.path")
+            raise ConfigError("data.source=occlusion needs data.path")
         dataset = OcclusionDataset(data.path, transform=augment, **common)  # real masks: no synthesis
     else:
         raise ValueError(f"unknown data.source {data.source!r}; expected procedural, folder, recordio or occlusion")
@@ -277,10 +278,12 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         if not path.is_file():
-            raise TrainingError(f"{path}: no checkpoint to resume from")
+            raise InputError(f"{path}: no checkpoint to resume from (--resume continues a run of the same "
+                             "train.out_dir; leave it out to start one)")
         state = torch.load(path, map_location="cpu", weights_only=False)
         if state["num_classes"] != self.data.train.num_classes:
-            raise TrainingError(f"{path}: checkpoint has {state['num_classes']} classes, the data {self.data.train.num_classes}")
+            raise InputError(f"{path}: checkpoint has {state['num_classes']} classes, the data {self.data.train.num_classes} "
+                             "(resume with the data the run started with)")
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -316,9 +319,9 @@ class Trainer:
         train = config.train
         progress = None
         if fabric.is_global_zero and train.progress:
-            from tqdm.auto import tqdm
+            from .progress import progress_bar
 
-            progress = tqdm(total=train.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+            progress = progress_bar(total=train.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         started, images_seen = time.perf_counter(), 0
         batches = self._batches()
         while self.step < train.max_steps:
@@ -353,7 +356,7 @@ class Trainer:
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{total.item():.3f}", pair_acc=f"{terms['pair_accuracy'].item():.2f}",
-                                     img_s=f"{images_seen / (time.perf_counter() - started):.1f}")
+                                     img_s=f"{images_seen / (time.perf_counter() - started):.1f}", refresh=False)
             if self.writer is not None and (self.step % train.log_every == 0 or self.step == 1):
                 self._log(terms, total, weights, batch, images_seen / (time.perf_counter() - started))
             if self.writer is not None and train.image_grid_every and self.step % train.image_grid_every == 0:

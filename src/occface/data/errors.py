@@ -1,8 +1,10 @@
 """Errors raised for bad input data."""
 from __future__ import annotations
 
+from ..errors import InputError
 
-class DataError(ValueError):
+
+class DataError(InputError):
     """Bad input data: the message names the file(s) and the problem."""
 
 

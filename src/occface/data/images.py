@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..models.backbone import check_color_space
 from .errors import DataError
@@ -39,21 +39,33 @@ def _reading(name: str, what: str) -> Iterator[None]:
 
 
 def _open(source: str | Path | bytes, what: str) -> Image.Image:
+    """Decode a file, turned upright by its EXIF orientation, with 16-bit and float grey levels
+    scaled to 8 bits (Pillow's own conversion would clip them to white)."""
     encoded = isinstance(source, (bytes, bytearray))
     with _reading("<bytes>" if encoded else str(source), what):
         image = Image.open(io.BytesIO(source) if encoded else source)
         image.load()
+        image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F" and values.max(initial=0) <= 1.0:
+            values = values * 255.0
+        elif image.mode.startswith("I;16") or values.max(initial=0) > 255:
+            values = values / 257.0
+        image = Image.fromarray(np.clip(values.round(), 0, 255).astype(np.uint8), "L")
     return image
 
 
 def read_image(source: str | Path | bytes) -> np.ndarray:
-    """Decode an image file (or encoded bytes) to ``uint8 [H, W, 3]`` RGB."""
+    """Decode an image file (or encoded bytes) to ``uint8 [H, W, 3]`` RGB: grayscale is repeated
+    over the channels, an alpha channel dropped, 16-bit levels scaled to 8 bits, EXIF orientation
+    applied."""
     return np.array(_open(source, "image").convert("RGB"))
 
 
 def read_mask(source: str | Path | bytes) -> np.ndarray:
     """Decode a visibility mask to ``float32 [H, W]`` in [0, 1] (1 = visible) from its grey level
-    (a colour mask is converted to luminance; an alpha channel is ignored)."""
+    (a colour mask is converted to luminance; an alpha channel is ignored; 16-bit levels scaled)."""
     image = _open(source, "mask")
     if image.mode == "LA":
         image = image.getchannel("L")

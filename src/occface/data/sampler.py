@@ -6,6 +6,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
+from .errors import InputError
+
 
 class IdentityBalancedSampler(Sampler[list[int]]):
     """Yields batches of ``identities_per_batch`` (P) identities x ``images_per_identity`` (K)
@@ -35,7 +37,7 @@ class IdentityBalancedSampler(Sampler[list[int]]):
         targets = np.asarray(targets)
         labels = np.unique(targets[targets >= 0])
         if len(labels) < identities_per_batch * world_size:
-            raise ValueError(f"{len(labels)} identities cannot fill batches of {identities_per_batch} identities "
+            raise InputError(f"{len(labels)} identities cannot fill batches of {identities_per_batch} identities "
                              f"on {world_size} rank(s)")
         if occluded_fraction is not None and occluded is None:
             raise ValueError("occluded_fraction needs the per-index occluded flags")

@@ -222,7 +222,7 @@ class ProceduralOccluders:
     def render(self, kind: str, size: int, rng: np.random.Generator, jitter: Jitter) -> np.ndarray:
         """A premultiplied RGBA layer [size, size, 4] in [0, 1]."""
         if kind not in OCCLUSION_KINDS:
-            raise ValueError(f"unknown occlusion kind {kind!r}; expected one of {OCCLUSION_KINDS}")
+            raise DataError(f"unknown occlusion kind {kind!r}; expected one of {OCCLUSION_KINDS}")
         scale = self.SUPERSAMPLE * size / 112.0
         center = NOSE_TIP if kind in ("mask", "hand", "bar") else EYE_CENTER
         placement = jitter.sample(rng, center)
@@ -309,7 +309,7 @@ class OcclusionSynthesizer:
                  jitter: Jitter | None = None, tint_probability: float = 0.3, procedural: bool = True) -> None:
         unknown = sorted(set(kinds) - set(OCCLUSION_KINDS))
         if unknown or not kinds:
-            raise ValueError(f"unknown occlusion kinds {unknown}; expected some of {OCCLUSION_KINDS}")
+            raise DataError(f"unknown occlusion kinds {unknown}; expected some of {OCCLUSION_KINDS}")
         self.kinds = tuple(kinds)
         self.overlays = {kind: [o for o in overlays if o.kind == kind] for kind in self.kinds}
         lacking = [k for k in self.kinds if not self.overlays[k]]

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InputError
 from .backbone import STAGE_CHANNELS, STAGE_UNITS, Backbone, check_color_space
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint file that cannot be read, or that does not fit the model it is loaded into."""
 
 

@@ -306,10 +306,10 @@ class QAConv(nn.Module):
         done = 0
         chunks = self._gallery_chunks(gallery, gallery_occ, gallery_step)
         if progress:
-            from tqdm.auto import tqdm
+            from ..progress import progress_bar
 
-            chunks = tqdm(chunks, total=None if total is None else math.ceil(total / gallery_step),
-                          desc="QAConv scoring", unit="chunk")
+            chunks = progress_bar(chunks, total=None if total is None else math.ceil(total / gallery_step),
+                                  desc="QAConv scoring", unit="chunk")
         for features, occ in chunks:
             features, occ = features.to(device), None if occ is None else occ.to(device)
             b = self.prepare(features, occ, "gallery", gallery_buffer)
