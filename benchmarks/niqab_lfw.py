@@ -1,57 +1,69 @@
-"""LFW's standard protocol with niqabs, on real faces (CPU, under 30 minutes on 2 cores).
+"""LFW's standard protocol with niqabs (and medical masks), on real faces, on 2 CPU cores.
+
+From scratch (the default):
 
 1. Train the CPU configuration on CFP's 500 people and the 18 training people of faces112 (never
    LFW), with niqab and medical-mask overlays synthesised on 80% of the faces; the 5 test people of
    faces112 are the validation set that calibrates the model's thresholds and its fusion weights per
    pair type (1,000 pairs a type). Two changes to the demo config, both studied in the README:
-   QAConv and the occlusion head on block 3's 14x14 maps (the spec's upgrade; at block 4 every cell
-   sees the whole face, so weighting by visibility only throws evidence away), for 1,000 steps of 48
-   faces to stay within 30 minutes; and the QAConv pair loss weighted 100 against AdaFace's 1 (at
-   block 4, 1 / 10 / 30 / 100 gave plain QAConv 64.1 / 69.4 / 73.2 / 75.6% on clean LFW).
-2. Evaluate on LFW's official 6,000 pairs (10 folds) three ways: as they are (clean-clean), with a
-   niqab synthesised on the second face of every pair (occluded-clean) and on both faces
-   (occluded-occluded).
+   QAConv and the occlusion head on block 3's 14x14 maps, for 1,000 steps of 48 faces; and the
+   QAConv pair loss weighted 100 against AdaFace's 1.
+2. Evaluate on LFW's official 6,000 pairs (10 folds): clean, a niqab on the second face of every
+   pair (occluded-clean) and on both faces (occluded-occluded).
 
     python benchmarks/niqab_lfw.py --data ../shared/data --out runs/niqab_lfw
 
-Writes DIR/metrics.json ({source: {pair_type: metrics}}), DIR/report.md, DIR/roc.png and the model
-in DIR/model (loadable by ``occface eval`` and ``occface match``).
+From a pretrained network (``--pretrained``, ``configs/finetune_mobilefacenet.yaml``):
+
+1. Fine-tune the full model (occlusion head, QAConv, fusion; distillation from the frozen original)
+   and, on the same data for the same steps, the embedding-only baseline (distillation alone: the
+   student's embedding of the occluded face towards the original's embedding of the clean face).
+2. Evaluate on LFW's official pairs, clean and with niqab / medical-mask overlays on one or both
+   faces: the untouched network, the baseline and the four sources of the full model, with paired-
+   bootstrap intervals. ``--held-out-occluders`` adds the procedural niqab and mask, which training
+   never saw.
+
+    python benchmarks/niqab_lfw.py --data ../shared/data --pretrained ../shared/models/mobilefacenet_ms1m.pt \\
+        --out runs/niqab_lfw_pretrained [--seed N] [--steps 700] [--held-out-occluders]
+
+Writes DIR/metrics.json, DIR/report.md (pretrained mode: DIR/pretrained.json and the models in
+DIR/full/model and DIR/baseline/model).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from occface.config import load_config
 from occface.demo import default_config_path
-from occface.evaluate import comparison_table, run_eval, summary_table
+from occface.evaluate import (PAIR_KINDS, Features, VariantDataset, calibrated_fusion_weight, compare_sources,
+                              comparison_table, evaluate_pairs, extract_features, pair_scores, run_eval, summary_table)
 from occface.train import Trainer
 
+NEEDED = ("cfp112", "faces112", "faces112_split.json", "lfw112", "lfw112_pairs.txt", "occluders")
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="folder with cfp112/, faces112/, lfw112/, occluders/")
-    parser.add_argument("--out", type=Path, default=Path("runs/niqab_lfw"))
-    parser.add_argument("--steps", type=int, default=1000, help="training steps of 48 faces")
-    parser.add_argument("overrides", nargs="*", help="further config overrides, section.key=value")
-    args = parser.parse_args()
-    data = args.data
-    for needed in ("cfp112", "faces112", "faces112_split.json", "lfw112", "lfw112_pairs.txt", "occluders"):
-        if not (data / needed).exists():
-            print(f"{data / needed}: not found; this benchmark needs the workplace's real face data", file=sys.stderr)
-            return 2
+
+def data_overrides(data: Path) -> list[str]:
+    """Training on CFP and faces112's training people; faces112's test people validate."""
+    return ["data.source=folder", f"data.path={data / 'faces112'}", f"data.split_file={data / 'faces112_split.json'}",
+            f"data.extra_paths=[{data / 'cfp112'}]", "data.recursive=true", f"data.occluders={data / 'occluders'}",
+            "train.val_identities=0", "train.val_pairs=1000"]
+
+
+def from_scratch(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     run_dir = args.out / "run"
     config = load_config(default_config_path(), [
-        "data.source=folder", f"data.path={data / 'faces112'}", f"data.split_file={data / 'faces112_split.json'}",
-        f"data.extra_paths=[{data / 'cfp112'}]", "data.recursive=true", f"data.occluders={data / 'occluders'}",
-        "data.occlusion_kinds=[niqab, mask]", "data.crop=0.1", "train.val_identities=0", "train.val_pairs=1000",
-        f"train.max_steps={args.steps}", "train.checkpoint_every=100", "train.image_grid_every=200",
+        *data_overrides(args.data), "data.occlusion_kinds=[niqab, mask]", "data.crop=0.1",
+        f"train.max_steps={args.steps or 1000}", "train.checkpoint_every=100", "train.image_grid_every=200",
         "optim.warmup_steps=50", "model.feature_level=block3", "loss.qaconv_weight=100", f"train.out_dir={run_dir}",
-        *args.overrides,
+        f"train.seed={args.seed}", *args.overrides,
     ])
     summary = Trainer(config).fit()
     trained = time.perf_counter() - started
@@ -59,6 +71,7 @@ def main() -> int:
     if model_dir.exists():
         shutil.rmtree(model_dir)
     shutil.copytree(run_dir / "model", model_dir)
+    data = args.data
     result = run_eval(model_dir, args.out, pairs_file=data / "lfw112_pairs.txt", root=data / "lfw112",
                       occlude=["none", "niqab:probe", "niqab:both"], occluders=data / "occluders")
     sources = {k: v for k, v in result.items() if k in ("embedding", "qaconv", "qaconv_weighted", "fused")}
@@ -71,6 +84,170 @@ def main() -> int:
     print(f"\ntraining: {summary['steps']} steps, {summary['images_per_second']:.1f} images/s, {trained:.0f} s; "
           f"total {time.perf_counter() - started:.0f} s; report and metrics: {args.out}")
     return 0
+
+
+# ---------------------------------------------------------------- from a pretrained network
+def concat_features(parts: list[Features]) -> Features:
+    import torch
+
+    return Features(*(torch.cat([getattr(p, name) for p in parts]) for name in ("embedding", "feature_map", "occlusion",
+                                                                                "occluded")))
+
+
+def lfw_conditions(data: Path, held_out: bool, seed: int):
+    """The LFW images once per occlusion (none, niqab, mask; with ``held_out`` also the procedural
+    niqab and mask) as VariantDatasets, and per condition the official pairs as indices into their
+    concatenation: {condition: (pairs [N, 2], pair types [N])}, plus issame and folds."""
+    from occface.data import ImageListDataset, OcclusionSynthesizer, read_pairs_txt
+
+    pair_set = read_pairs_txt(data / "lfw112_pairs.txt", data / "lfw112")
+    base = ImageListDataset(pair_set.images, input_size=112)
+    count = len(pair_set.images)
+    overlays = OcclusionSynthesizer.from_directory(data / "occluders", ["niqab", "mask"])
+    datasets = [VariantDataset(base, [(i, False) for i in range(count)]),
+                VariantDataset(base, [(i, "niqab") for i in range(count)], overlays, seed),
+                VariantDataset(base, [(i, "mask") for i in range(count)], overlays, seed + 1)]
+    kinds = {"niqab": 1, "mask": 2}
+    if held_out:
+        procedural = OcclusionSynthesizer.from_directory(None, ["niqab", "mask"])
+        datasets += [VariantDataset(base, [(i, "niqab") for i in range(count)], procedural, seed + 2),
+                     VariantDataset(base, [(i, "mask") for i in range(count)], procedural, seed + 3)]
+        kinds.update({"procedural niqab": 3, "procedural mask": 4})
+    first, second = pair_set.pairs[:, 0], pair_set.pairs[:, 1]
+    conditions = {"clean": (np.stack([first, second], 1), np.full(len(first), "clean-clean"))}
+    for kind, block in kinds.items():
+        conditions[f"{kind}, one face"] = (np.stack([first, second + block * count], 1), np.full(len(first), "occluded-clean"))
+        conditions[f"{kind}, both faces"] = (np.stack([first + block * count, second + block * count], 1),
+                                             np.full(len(first), "occluded-occluded"))
+    return datasets, conditions, pair_set.issame, pair_set.folds
+
+
+def score_conditions(model, features: Features, conditions: dict, issame: np.ndarray, folds: np.ndarray,
+                     sources: tuple[str, ...]) -> tuple[dict, dict]:
+    """{condition: {source: metrics}} and {condition: {source: scores}}. Each occluder is fused
+    together with the clean pairs, as ``occface eval`` does for one occluder kind."""
+    metrics, raw = {}, {}
+    weight = calibrated_fusion_weight(model)
+    for condition, (pairs, types) in conditions.items():
+        if condition == "clean":
+            group = [("clean", pairs, types)]
+        else:
+            group = [(condition, pairs, types), ("clean", *conditions["clean"])]
+        all_pairs = np.concatenate([g[1] for g in group])
+        scores = pair_scores(model, features, all_pairs, weight)
+        own = slice(0, len(pairs))
+        raw[condition] = {s: scores[s][own] for s in sources}
+        metrics[condition] = {s: m["all"] for s, m in evaluate_pairs(raw[condition], issame, types, folds).items()}
+    return metrics, raw
+
+
+def pretrained(args: argparse.Namespace) -> int:
+    from occface.models import ModelConfig, OccFaceModel, load_pretrained
+    from occface.precision import cpu_bf16_support, resolve_precision
+
+    precision = resolve_precision(args.precision)
+    native, reason = cpu_bf16_support()
+    print(f"precision: {precision} (CPU native bf16: {native}, {reason})")
+    started = time.perf_counter()
+    common = [*data_overrides(args.data), f"model.pretrained={args.pretrained}", f"train.seed={args.seed}",
+              f"train.precision={'bf16-mixed' if precision == 'bf16' else '32-true'}", "train.progress=true"]
+    if args.steps:
+        common.append(f"train.max_steps={args.steps}")
+    config_path = default_config_path("finetune_mobilefacenet.yaml")
+    runs = {"full": [], "baseline": ["loss.adaface_weight=0", "loss.qaconv_weight=0", "loss.occlusion_weight=0",
+                                     "loss.distill_map_weight=0", "loss.head_init=random"]}
+    summaries = {}
+    for name, extra in runs.items():
+        if args.only_eval and (args.out / name / "model").is_dir():
+            continue
+        config = load_config(config_path, [*common, *extra, *args.overrides, f"train.out_dir={args.out / name}"])
+        summary = Trainer(config).fit()
+        summaries[name] = {"steps": summary["steps"], "images_per_second": summary["images_per_second"],
+                           "seconds": summary["seconds"]}
+        print(f"{name}: {summary['steps']} steps, {summary['images_per_second']:.1f} images/s, {summary['seconds']:.0f} s")
+    trained = time.perf_counter() - started
+
+    untouched = OccFaceModel(ModelConfig(arch="mobilefacenet", feature_level="block3"))
+    load_pretrained(untouched, args.pretrained)
+    models = {"untouched": untouched,
+              "baseline": OccFaceModel.from_pretrained(args.out / "baseline" / "model"),
+              "full": OccFaceModel.from_pretrained(args.out / "full" / "model")}
+    datasets, conditions, issame, folds = lfw_conditions(args.data, args.held_out_occluders, args.seed)
+    if args.pairs:  # a quick look: the first pairs of every condition
+        conditions = {k: (p[: args.pairs], t[: args.pairs]) for k, (p, t) in conditions.items()}
+        issame, folds = issame[: args.pairs], None
+    table, raw, speed = {}, {}, {}
+    for name, model in models.items():
+        tick = time.perf_counter()
+        features = concat_features([extract_features(model, d, 64, precision=precision, progress=True) for d in datasets])
+        count = sum(len(d) for d in datasets)
+        speed[name] = count / (time.perf_counter() - tick)
+        sources = ("embedding", "qaconv", "qaconv_weighted", "fused") if name == "full" else ("embedding",)
+        metrics, scores = score_conditions(model, features, conditions, issame, folds, sources)
+        for condition in conditions:
+            for source in sources:
+                label = source if name == "full" else f"{name} embedding"
+                table.setdefault(label, {})[condition] = metrics[condition][source]
+                raw.setdefault(condition, {})[label] = scores[condition][source]
+    comparisons = {}
+    pairs_of = (("fused", "baseline embedding"), ("qaconv_weighted", "qaconv"), ("fused", "qaconv_weighted"),
+                ("baseline embedding", "untouched embedding"))
+    for condition, scores in raw.items():
+        types = np.full(len(issame), "all")
+        comparisons[condition] = {k: v["all"] for k, v in compare_sources(scores, issame, types, pairs_of).items()}
+    result = {"seed": args.seed, "precision": precision, "training": summaries, "training_seconds": trained,
+              "evaluation_faces_per_second": speed, "accuracy": table, "comparisons": comparisons,
+              "total_seconds": time.perf_counter() - started}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "pretrained.json").write_text(json.dumps(result, indent=2, default=float))
+    print_tables(table, comparisons, list(conditions))
+    print(f"\nevaluation faces/s (two passes each, the image and its mirror): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in speed.items()))
+    print(f"total {result['total_seconds']:.0f} s; results: {args.out / 'pretrained.json'}")
+    return 0
+
+
+def print_tables(table: dict, comparisons: dict, conditions: list[str]) -> None:
+    print("\nLFW, official pairs, 10-fold accuracy:\n")
+    print("| source | " + " | ".join(conditions) + " |")
+    print("|---|" + "---|" * len(conditions))
+    for source, by_condition in table.items():
+        print(f"| {source} | " + " | ".join(f"{100 * by_condition[c]['accuracy']:.1f}%" for c in conditions) + " |")
+    print("\nROC AUC differences with 95% paired-bootstrap intervals:\n")
+    names = list(next(iter(comparisons.values())))
+    print("| comparison | " + " | ".join(conditions) + " |")
+    print("|---|" + "---|" * len(conditions))
+    for name in names:
+        cells = []
+        for condition in conditions:
+            entry = comparisons[condition].get(name)
+            cells.append("—" if entry is None else
+                         f"{entry['auc_difference']:+.4f} [{entry['ci95'][0]:+.4f}, {entry['ci95'][1]:+.4f}]")
+        print(f"| {name.replace('-vs-', ' − ')} | " + " | ".join(cells) + " |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="folder with cfp112/, faces112/, lfw112/, occluders/")
+    parser.add_argument("--out", type=Path, default=Path("runs/niqab_lfw"))
+    parser.add_argument("--pretrained", type=Path, default=None, help="pretrained MobileFaceNet weights")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="auto", help="auto | fp32 | bf16 (pretrained mode)")
+    parser.add_argument("--held-out-occluders", action="store_true", help="also the procedural niqab and mask")
+    parser.add_argument("--pairs", type=int, default=None, help="evaluate only the first N pairs (a quick look)")
+    parser.add_argument("--only-eval", action="store_true", help="reuse models already trained in --out")
+    parser.add_argument("overrides", nargs="*", help="further config overrides, section.key=value")
+    args = parser.parse_args()
+    missing = [name for name in NEEDED if not (args.data / name).exists()]
+    if missing:
+        print(f"{args.data}: {', '.join(missing)} not found; this benchmark needs the workplace's real face data",
+              file=sys.stderr)
+        return 2
+    if args.pretrained is not None and not args.pretrained.is_file():
+        print(f"{args.pretrained}: pretrained weights not found", file=sys.stderr)
+        return 2
+    return pretrained(args) if args.pretrained is not None else from_scratch(args)
 
 
 if __name__ == "__main__":

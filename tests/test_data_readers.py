@@ -9,8 +9,7 @@ from PIL import Image
 
 from conftest import write_png
 from occface.data import (DataError, DataProblems, ImageFolderDataset, ImageListDataset, RecordIODataset, read_bin,
-                          read_pairs_txt, to_model_input)
-from occface.data.images import from_model_input
+                          read_pairs_txt, to_image, to_tensor)
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -27,24 +26,18 @@ def test_image_folder_classes_come_from_the_data(face_folder):
     sample = dataset[5]
     assert sample.image.shape == (3, 112, 112) and sample.label == 1
     assert torch.all(sample.mask == 1) and not sample.occluded
-    assert sample.image.min() >= -1 and sample.image.max() <= 1
+    assert sample.image.min() >= 0 and sample.image.max() <= 1 and sample.clean.numel() == 0
     only = ImageFolderDataset(face_folder, identities=["carol", "bob"])
     assert only.identities == ["bob", "carol"]
 
 
-def test_colour_order_and_normalisation():
+def test_data_is_rgb_in_unit_range():
+    """Data never normalises: every image reaches the model as RGB in [0, 1]."""
     image = np.zeros((2, 2, 3), np.uint8)
     image[..., 0] = 255  # pure red
-    rgb, bgr = to_model_input(image, "RGB"), to_model_input(image, "BGR")
-    assert torch.all(rgb[0] == 1) and torch.all(rgb[2] == -1)
-    assert torch.all(bgr[2] == 1) and torch.all(bgr[0] == -1)
-    assert np.array_equal(from_model_input(bgr, "BGR"), image)
-
-
-def test_image_folder_reads_in_the_requested_colour_order(face_folder):
-    rgb = ImageFolderDataset(face_folder)[0].image
-    bgr = ImageFolderDataset(face_folder, color_space="BGR")[0].image
-    assert torch.equal(rgb, bgr.flip(0))
+    tensor = to_tensor(image)
+    assert torch.all(tensor[0] == 1) and torch.all(tensor[1:] == 0)
+    assert np.array_equal(to_image(tensor), image)
 
 
 def test_empty_folder_is_a_clear_error(tmp_path):
@@ -143,7 +136,7 @@ def test_insightface_bin(tmp_path):
     assert len(pairs) == 20 and pairs.issame.tolist() == issame
     assert pairs.pairs[3].tolist() == [6, 7] and pairs.folds.tolist() == [k for k in range(10) for _ in range(2)]
     dataset = ImageListDataset(pairs.images)
-    assert torch.equal(dataset[7].image, to_model_input(images[7], "RGB"))
+    assert torch.equal(dataset[7].image, to_tensor(images[7]))
     with (tmp_path / "bad.bin").open("wb") as handle:
         pickle.dump(([png_bytes(images[0])], [True, False]), handle)
     with pytest.raises(DataError, match="bad.bin: 1 images for 2 pairs"):

@@ -47,7 +47,7 @@ def test_manifest_layout_with_identities_and_clean_rows(tmp_path):
     with (root / "manifest.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows([["image", "mask", "identity"], ["img/p1.png", "m/p1.png", "pat"],
                                       ["img/p2.png", "", "pat"], ["img/q1.png", "", "quinn"]])
-    dataset = OcclusionDataset(root, color_space="BGR")
+    dataset = OcclusionDataset(root)
     assert dataset.identities == ["pat", "quinn"] and dataset.targets == [0, 0, 1]
     assert dataset.occluded_flags == [True, False, False]
     assert dataset[0].occluded and not dataset[1].occluded and torch.all(dataset[1].mask == 1)

@@ -117,8 +117,8 @@ def test_non_finite_losses_skip_the_update_then_stop_the_run(tmp_path, monkeypat
     original = MultiTaskModule.forward
     calls = {"n": 0}
 
-    def sometimes_nan(self, images, labels, masks):
-        terms = original(self, images, labels, masks)
+    def sometimes_nan(self, images, labels, masks, clean=None):
+        terms = original(self, images, labels, masks, clean)
         calls["n"] += 1
         if calls["n"] == 2 or calls["n"] >= 4:
             terms["qaconv"] = terms["qaconv"] * float("nan")
@@ -136,8 +136,8 @@ def test_a_skipped_step_leaves_the_weights_alone(tmp_path, monkeypatch):
     trainer = Trainer(tiny_config(tmp_path, "train.max_steps=1"))
     original = MultiTaskModule.forward
 
-    def nan_once(self, images, labels, masks):
-        terms = original(self, images, labels, masks)
+    def nan_once(self, images, labels, masks, clean=None):
+        terms = original(self, images, labels, masks, clean)
         terms["adaface"] = torch.full_like(terms["adaface"], float("inf"))
         return terms
 

@@ -15,15 +15,15 @@ from .errors import InputError
 def _info(args: argparse.Namespace) -> int:
     import torch
 
-    from .models import ARCHITECTURES, Backbone
+    from .models import ARCHITECTURES, build_backbone
 
     print(f"occface {__version__}, torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
-    print(f"{'arch':<10} {'params (M)':>10}  {'block3 map':<12} {'block4 map':<12} (at 112x112)")
+    print(f"{'arch':<14} {'params (M)':>10}  {'block3 map':<12} {'block4 map':<12} (at 112x112)")
     for arch in ARCHITECTURES:
-        b3, b4 = Backbone(arch, "block3"), Backbone(arch, "block4")
+        b3, b4 = build_backbone(arch, "block3"), build_backbone(arch, "block4")
         params = sum(p.numel() for p in b4.parameters()) / 1e6
         maps = [f"{b.feature_channels}x{b.feature_size}x{b.feature_size}" for b in (b3, b4)]
-        print(f"{arch:<10} {params:>10.2f}  {maps[0]:<12} {maps[1]:<12}")
+        print(f"{arch:<14} {params:>10.2f}  {maps[0]:<12} {maps[1]:<12}")
     return 0
 
 

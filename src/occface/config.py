@@ -28,14 +28,24 @@ class ConfigError(InputError):
 
 @dataclass
 class ModelSection:
-    arch: Architecture = "ir_50"
+    arch: Architecture = "ir_50"  # ir_18 ... ir_se_50, or mobilefacenet
     feature_level: FeatureLevel = "block4"  # block4: 7x7 maps at 112 input; block3: 14x14
     input_size: Literal[112, 224] = 112
     width: float = 1.0
-    color_space: Literal["RGB", "BGR"] = "RGB"  # set to BGR when starting from AdaFace weights
+    # Weights to start from (load_pretrained): an AdaFace .ckpt, a MobileFaceNet state dict, a
+    # .safetensors file or an occface model directory. They bring their input convention.
+    pretrained: str | None = None
+    # Input convention; null: the pretrained weights' own (from scratch: RGB, mean = std = 0.5).
+    color_space: Literal["RGB", "BGR"] | None = None
+    input_mean: list[float] | None = None
+    input_std: list[float] | None = None
     occlusion_hidden_channels: int = 128
-    init_from: str | None = None  # an AdaFace checkpoint (.ckpt / state dict / .safetensors)
-    freeze_backbone: bool = False
+    freeze_backbone: bool = False  # train the occlusion head and QAConv only
+    freeze_backbone_steps: int = 0  # a warm-up with the backbone frozen (weights and BatchNorm statistics)
+    # The first backbone layer that trains (a parameter-name prefix, e.g. features.5 or body.3): the
+    # layers before it stay as pretrained, statistics included, and cost no backward pass.
+    train_from: str | None = None
+    backbone_bn: Literal["train", "frozen"] = "train"  # frozen: keep the backbone's BatchNorm statistics
     backbone_lr_scale: float = 1.0
 
 
@@ -77,6 +87,14 @@ class LossSection:
     occlusion_warmup_steps: int = 0
     triplet_margin: float | None = None
     mask_downsampling: MaskMode = "area"
+    # Distillation from the frozen pretrained network (model.pretrained): 1 - cos(student embedding
+    # of the (occluded) face, teacher embedding of the same face without its synthesised occluder).
+    distill_weight: float = 0.0
+    # The same for the feature maps QAConv matches, per location, counted where the face is visible.
+    distill_map_weight: float = 0.0
+    # class_means: margin-head class centres start at the pretrained mean embedding of each identity.
+    head_init: Literal["random", "class_means"] = "random"
+    head_init_images: int = 8  # images per identity for class_means
 
 
 @dataclass
@@ -159,6 +177,11 @@ def _check_type(value, hint, where: str):
             return None
         if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if origin is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if origin is list and isinstance(value, list):
             return value
         if origin in (int, str, bool) and isinstance(value, origin) and not (origin is int and isinstance(value, bool)):

@@ -57,9 +57,12 @@ class Features:
 
 @torch.inference_mode()
 def extract_features(model: OccFaceModel, dataset: Dataset, batch_size: int = 64, device: str | torch.device = "cpu",
-                     keep_masks: bool = False, progress: bool = False) -> Features:
+                     keep_masks: bool = False, progress: bool = False, precision: str = "fp32") -> Features:
     """Run the model over a dataset of :class:`FaceSample`. Embeddings are fused with those of the
-    mirrored images weighted by their norms (AdaFace's flip-and-norm fusion)."""
+    mirrored images weighted by their norms (AdaFace's flip-and-norm fusion). ``precision``
+    (:mod:`occface.precision`): the network may run in bf16; everything kept is fp32."""
+    from .precision import autocast
+
     model = model.to(device).eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     if progress:
@@ -70,10 +73,11 @@ def extract_features(model: OccFaceModel, dataset: Dataset, batch_size: int = 64
     for batch in loader:
         batch: FaceSample
         images = batch.image.to(device)
-        out = model(images)
-        parts["embedding"].append(model.fused_embedding(images, out).cpu())
-        parts["feature_map"].append(out.feature_map.cpu())
-        parts["occlusion"].append(out.occlusion.cpu())
+        with autocast(precision, device):
+            out = model(images)
+            parts["embedding"].append(model.fused_embedding(images, out).cpu())
+        parts["feature_map"].append(out.feature_map.float().cpu())
+        parts["occlusion"].append(out.occlusion.float().cpu())
         parts["occluded"].append(batch.occluded)
         if keep_masks:
             parts["mask"].append(batch.mask)
@@ -491,17 +495,18 @@ def plot_roc(scores: dict[str, np.ndarray], issame: np.ndarray, types: np.ndarra
     return path
 
 
-def visibility_grid(images: torch.Tensor, predicted: torch.Tensor, masks: torch.Tensor | None, color_space: str,
-                    path: str | Path, columns: int = 8) -> Path:
-    """PNG grid: each face, its predicted visibility map and (if given) the ground truth, upsampled."""
+def visibility_grid(images: torch.Tensor, predicted: torch.Tensor, masks: torch.Tensor | None, path: str | Path,
+                    columns: int = 8) -> Path:
+    """PNG grid: each face (images [N, 3, S, S] RGB in [0, 1]), its predicted visibility map and
+    (if given) the ground truth, upsampled."""
     from PIL import Image
 
-    from .data.images import from_model_input, tile_grid
+    from .data.images import tile_grid, to_image
 
     size = images.shape[-1]
     tiles = []
     for index in range(images.shape[0]):
-        face = from_model_input(images[index], color_space)
+        face = to_image(images[index])
         maps = [predicted[index]] + ([masks[index]] if masks is not None else [])
         row = [face]
         for visibility in maps:
@@ -517,19 +522,21 @@ def visibility_grid(images: torch.Tensor, predicted: torch.Tensor, masks: torch.
 
 class VariantDataset(FaceDataset):
     """Images of a base dataset, each optionally with a synthesised occluder (deterministic per
-    item). A face counts as occluded when an occluder was synthesised on it, when its ground-truth
-    mask has occluded pixels, or when its name is in ``occluded_names``."""
+    item): ``variants`` are (base index, occlude) with occlude False, True (a random kind of the
+    synthesizer's) or a kind name (e.g. "niqab"). A face counts as occluded when an occluder was
+    synthesised on it, when its ground-truth mask has occluded pixels, or when its name is in
+    ``occluded_names``."""
 
-    def __init__(self, base: FaceDataset, variants: list[tuple[int, bool]], synthesizer=None, seed: int = 0,
+    def __init__(self, base: FaceDataset, variants: list[tuple[int, bool | str]], synthesizer=None, seed: int = 0,
                  names: list[str] | None = None, occluded_names: set[str] | None = None) -> None:
         if synthesizer is None and any(occlude for _, occlude in variants):
             raise ValueError("occluded variants need an OcclusionSynthesizer")
-        super().__init__(base.color_space, base.input_size, seed=seed)
+        super().__init__(base.input_size, seed=seed)
         self.base, self.variants, self.synthesizer = base, variants, synthesizer
         self.names, self.occluded_names = names, occluded_names or set()
         self.identities = base.identities
         self.targets = [base.targets[index] for index, _ in variants]
-        self.occluded_flags = [occlude for _, occlude in variants]
+        self.occluded_flags = [bool(occlude) for _, occlude in variants]
 
     def read(self, item: int) -> RawSample:
         index, occlude = self.variants[item]
@@ -539,7 +546,8 @@ class VariantDataset(FaceDataset):
         image = resize_image(raw.image, self.input_size)
         size = self.input_size
         mask = np.ones((size, size), np.float32) if raw.mask is None else resize_mask(raw.mask, size, size)
-        image, visibility, _ = self.synthesizer(image, np.random.default_rng((self.seed, item)))
+        kind = occlude if isinstance(occlude, str) else None
+        image, visibility, _ = self.synthesizer(image, np.random.default_rng((self.seed, item)), kind)
         return RawSample(image, mask * visibility, raw.label)
 
     def is_occluded(self, item: int, mask: torch.Tensor) -> bool:
@@ -657,7 +665,7 @@ def write_report(out_dir: str | Path, metrics: dict, scores: dict[str, np.ndarra
     chosen = np.concatenate([occluded[: grid_faces * 3 // 4], clean[: grid_faces // 4]])
     samples = [pairs.dataset[int(i)] for i in chosen]
     visibility_grid(torch.stack([s.image for s in samples]), features.occlusion[chosen],
-                    torch.stack([s.mask for s in samples]), pairs.dataset.color_space,
+                    torch.stack([s.mask for s in samples]),
                     out_dir / "visibility_grid.png", columns=4)
     lines = [f"# {title}", "", "Verification accuracy (10-fold) by score source and pair type:", "",
              summary_table(metrics), "", "TAR at FAR 1e-2:", "", summary_table(metrics, "tar@far=1e-2"), "",
@@ -778,7 +786,7 @@ def run_eval(model_dir: str | Path, out_dir: str | Path, *, pairs_file: str | Pa
     synthesizer = OcclusionSynthesizer.from_directory(occluders, kinds) if kinds else None
     image_root = folder if folder is not None else root
     listed = read_occluded_list(occluded_list, image_root) if occluded_list else set()
-    common = dict(color_space=model.color_space, input_size=model.config.input_size)
+    common = dict(input_size=model.config.input_size)
     identification_result = None
     if folder is not None:
         base = open_dataset(folder, **common)

@@ -46,6 +46,15 @@ class MarginHead(nn.Module):
         self.batch_mean.fill_(20.0)
         self.batch_std.fill_(100.0)
 
+    @torch.no_grad()
+    def init_centres(self, centres: torch.Tensor) -> None:
+        """Start each class centre at a given direction, centres [C, E] (e.g. the mean pretrained
+        embedding of each identity), so a pretrained embedding starts with sensible logits
+        instead of being pulled towards random centres."""
+        if centres.shape != (self.num_classes, self.kernel.shape[0]):
+            raise ValueError(f"centres must be [{self.num_classes}, {self.kernel.shape[0]}], got {list(centres.shape)}")
+        self.kernel.copy_(F.normalize(centres.float(), dim=1).T.to(self.kernel))
+
     def forward(self, embeddings: torch.Tensor, norms: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cosine = (embeddings.float() @ F.normalize(self.kernel.float(), dim=0)).clamp(-1 + 1e-7, 1 - 1e-7)
         target = F.one_hot(labels, self.num_classes).bool()
@@ -107,6 +116,21 @@ def occlusion_loss(predicted: torch.Tensor, mask: torch.Tensor, mode: str = "are
     return F.mse_loss(predicted.float(), target)
 
 
+def embedding_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean ``1 - cos`` between unit embeddings [B, E] of the student and the (frozen) teacher."""
+    return (1 - (student.float() * teacher.float()).sum(1)).mean()
+
+
+def visible_map_distillation(student: torch.Tensor, teacher: torch.Tensor, visibility: torch.Tensor) -> torch.Tensor:
+    """Per-location ``1 - cos`` between feature maps [B, C, H, W] (student on the occluded face,
+    teacher on the clean one), averaged with weights ``visibility`` [B, 1, H, W] (ground truth at
+    the map's size): where the face shows, its features should stay those of the clean face;
+    where it is hidden, nothing is asked."""
+    cosine = (F.normalize(student.float(), dim=1) * F.normalize(teacher.float(), dim=1)).sum(1, keepdim=True)
+    weights = visibility.float()
+    return ((1 - cosine) * weights).sum() / weights.sum().clamp_min(1e-6)
+
+
 @dataclass
 class LossWeights:
     """Weights of the total loss; the occlusion weight ramps linearly from ``occlusion_start`` to
@@ -117,10 +141,17 @@ class LossWeights:
     occlusion: float = 1.0
     occlusion_start: float = 0.1
     occlusion_warmup_steps: int = 0
+    distill: float = 0.0
+    distill_map: float = 0.0
 
     def at(self, step: int) -> dict[str, float]:
         occ = self.occlusion
         if self.occlusion_warmup_steps > 0:
             ramp = min(1.0, step / self.occlusion_warmup_steps)
             occ = self.occlusion_start + (self.occlusion - self.occlusion_start) * ramp
-        return {"adaface": self.adaface, "qaconv": self.qaconv, "occlusion": occ}
+        weights = {"adaface": self.adaface, "qaconv": self.qaconv, "occlusion": occ}
+        if self.distill:
+            weights["distill"] = self.distill
+        if self.distill_map:
+            weights["distill_map"] = self.distill_map
+        return weights

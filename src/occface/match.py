@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .data.errors import DataError
-from .data.images import read_image, to_model_input
+from .data.images import read_image, to_tensor
 from .evaluate import calibrated_fusion_weight, fuse, pair_kind, predicted_occluded
 from .models.occface import OccFaceModel
 
@@ -25,7 +25,7 @@ def read_aligned_face(path: str | Path, size: int) -> np.ndarray:
 def match(model: OccFaceModel, first: np.ndarray, second: np.ndarray, top: int = 12) -> dict:
     """Scores, decisions and the strongest visible-to-visible correspondences of two aligned faces."""
     model.eval()
-    batch = torch.stack([to_model_input(first, model.color_space), to_model_input(second, model.color_space)])
+    batch = torch.stack([to_tensor(first), to_tensor(second)])
     out = model(batch)
     embedding = model.fused_embedding(batch, out)
     maps, occ = out.feature_map, out.occlusion

@@ -10,6 +10,7 @@ reaches the same weights as an uninterrupted run.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -34,9 +35,12 @@ from .errors import InputError
 from .evaluate import (OcclusionPairs, choose_fusion_weights, choose_strata_rule, describe_fusion_weight,
                        evaluate_occlusion_pairs, evaluate_pairs, fuse, fusion_normalization, pair_strata,
                        threshold_at_far, visibility_grid)
-from .losses import LossWeights, MarginHead, QAConvPairLoss, occlusion_loss
-from .models.checkpoint import load_adaface_checkpoint
+from .data.masks import downsample_mask
+from .losses import (LossWeights, MarginHead, QAConvPairLoss, embedding_distillation, occlusion_loss,
+                     visible_map_distillation)
+from .models.convention import InputConvention
 from .models.occface import ModelConfig, OccFaceModel
+from .models.pretrained import load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -48,31 +52,76 @@ class TrainingError(RuntimeError):
 class MultiTaskModule(nn.Module):
     """The model, its margin head and the loss terms in one module (one DDP wrapper).
 
-    forward(images [B, 3, S, S], labels [B], masks [B, 1, S, S]) -> dict of loss terms
-    (``adaface``, ``qaconv``, ``occlusion``), ``pair_accuracy`` and the predicted maps.
-    QAConv is weighted by the predicted maps, detached: the visibility head learns from the
-    occlusion loss alone and the matcher learns to match under its weighting.
+    forward(images [B, 3, S, S], labels [B], masks [B, 1, S, S], clean [B, 3, S, S] or None)
+    -> dict of loss terms (``adaface``, ``qaconv``, ``occlusion``; with a ``teacher``, also
+    ``distill`` and ``distill_map``), ``pair_accuracy`` and the predicted maps. QAConv is weighted
+    by the predicted maps, detached: the visibility head learns from the occlusion loss alone and
+    the matcher learns to match under its weighting. The teacher (a frozen copy of the pretrained
+    model) sees ``clean``, the faces without their synthesised occluders.
+
+    ``backbone_frozen`` keeps the backbone's BatchNorm statistics as they are (eval mode) while
+    the rest trains; the teacher is always in eval mode.
     """
 
-    def __init__(self, model: OccFaceModel, num_classes: int, config: Config) -> None:
+    def __init__(self, model: OccFaceModel, num_classes: int, config: Config, teacher: OccFaceModel | None = None) -> None:
         super().__init__()
         loss = config.loss
+        # A term weighted 0 is not computed (e.g. an embedding-only distillation run skips QAConv).
+        self.active = {"adaface": loss.adaface_weight > 0, "qaconv": loss.qaconv_weight > 0}
         self.model = model
         self.margin_head = MarginHead(model.backbone.embedding_size, num_classes, loss.head, loss.m, loss.h, loss.s, loss.t_alpha)
         self.pair_loss = QAConvPairLoss(model.qaconv, loss.triplet_margin)
         self.mask_mode = loss.mask_downsampling
+        self.teacher = teacher.requires_grad_(False).eval() if teacher is not None else None
+        self.distill_maps = loss.distill_map_weight > 0
+        self.backbone_frozen = False
+        self.frozen_layers: list[nn.Module] = []
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    def freeze_backbone_before(self, prefix: str) -> list[str]:
+        """Freeze the backbone's layers registered before the first parameter named ``prefix...``
+        (weights and BatchNorm statistics); returns the frozen parameter names."""
+        names = [name for name, _ in self.model.backbone.named_parameters()]
+        if not any(name.startswith(prefix) for name in names):
+            raise ConfigError(f"model.train_from={prefix!r} names no backbone layer (e.g. {names[len(names) // 2]})")
+        frozen = names[: next(i for i, name in enumerate(names) if name.startswith(prefix))]
+        parameters = dict(self.model.backbone.named_parameters())
+        for name in frozen:
+            parameters[name].requires_grad_(False)
+        frozen_modules = {name.rpartition(".")[0] for name in frozen}
+        self.frozen_layers = [m for n, m in self.model.backbone.named_modules() if n in frozen_modules]
+        return frozen
+
+    def train(self, mode: bool = True) -> "MultiTaskModule":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        if mode and self.backbone_frozen:
+            self.model.backbone.eval()
+        for layer in self.frozen_layers if mode else ():
+            layer.eval()
+        return self
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
+                clean: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         out = self.model(images)
-        logits = self.margin_head(out.embedding, out.norm, labels)
-        qaconv, pair_accuracy = self.pair_loss(out.feature_map, labels, out.occlusion.detach())
-        return {
-            "adaface": F.cross_entropy(logits.float(), labels),
-            "qaconv": qaconv,
+        zero = out.embedding.new_zeros(())
+        terms = {
+            "adaface": zero, "qaconv": zero, "pair_accuracy": zero,
             "occlusion": occlusion_loss(out.occlusion, masks, self.mask_mode),
-            "pair_accuracy": pair_accuracy,
             "occlusion_map": out.occlusion.detach(),
         }
+        if self.active["adaface"]:
+            terms["adaface"] = F.cross_entropy(self.margin_head(out.embedding, out.norm, labels).float(), labels)
+        if self.active["qaconv"]:
+            terms["qaconv"], terms["pair_accuracy"] = self.pair_loss(out.feature_map, labels, out.occlusion.detach())
+        if self.teacher is not None:
+            with torch.no_grad():
+                target = self.teacher.backbone(self.teacher.normalize(clean if clean is not None else images))
+            terms["distill"] = embedding_distillation(out.embedding, target.embedding)
+            if self.distill_maps:
+                visible = downsample_mask(masks, tuple(out.feature_map.shape[-2:]), self.mask_mode)
+                terms["distill_map"] = visible_map_distillation(out.feature_map, target.feature_map, visible)
+        return terms
 
 
 @dataclass
@@ -92,14 +141,15 @@ def build_data(config: Config) -> DataBundle:
     synthesizer = OcclusionSynthesizer.from_directory(data.occluders, data.occlusion_kinds)
     augment = adaface_augmentation(data.flip, data.crop, data.low_res, data.photometric)
     transform = Compose([SynthesizeOcclusion(synthesizer, data.occlusion_probability), augment])  # clean faces
-    common = dict(color_space=config.model.color_space, input_size=config.model.input_size, seed=train.seed)
+    common = dict(input_size=config.model.input_size, seed=train.seed)
+    clean = dict(clean_targets=config.loss.distill_weight > 0 or config.loss.distill_map_weight > 0)
     holdout: FaceDataset | None = None
     if data.source == "procedural":
         faces = ProceduralFaces(data.procedural_identities, data.procedural_images, data.procedural_seed, config.model.input_size)
         split = data.procedural_identities - train.val_identities
         if split < 2:
             raise ConfigError(f"data.procedural_identities={data.procedural_identities} leaves {split} training identities")
-        dataset: FaceDataset = ProceduralFaceDataset(faces, list(range(split)), transform=transform, **common)
+        dataset: FaceDataset = ProceduralFaceDataset(faces, list(range(split)), transform=transform, **common, **clean)
         if train.val_identities:
             holdout = ProceduralFaceDataset(faces, list(range(split, data.procedural_identities)), **common)
     elif data.source == "folder":
@@ -117,30 +167,82 @@ def build_data(config: Config) -> DataBundle:
         else:
             keep = len(names)
         dataset = ImageFolderDataset(data.path, identities=names[:keep], transform=transform,
-                                     recursive=data.recursive, **common)
+                                     recursive=data.recursive, **common, **clean)
         if held_out:
             holdout = ImageFolderDataset(data.path, identities=held_out, recursive=data.recursive, **common)
         if data.extra_paths:
-            extra = [ImageFolderDataset(path, transform=transform, recursive=data.recursive, **common)
+            extra = [ImageFolderDataset(path, transform=transform, recursive=data.recursive, **common, **clean)
                      for path in data.extra_paths]
             dataset = ConcatFaceDataset([dataset, *extra])
     elif data.source == "recordio":
         if data.path is None:
             raise ConfigError("data.source=recordio needs data.path (the .rec file)")
-        dataset = RecordIODataset(data.path, transform=transform, **common)
+        dataset = RecordIODataset(data.path, transform=transform, **common, **clean)
     elif data.source == "occlusion":
         if data.path is None:
             raise ConfigError("data.source=occlusion needs data.path")
-        dataset = OcclusionDataset(data.path, transform=augment, **common)  # real masks: no synthesis
+        dataset = OcclusionDataset(data.path, transform=augment, **common, **clean)  # real masks: no synthesis
     else:
         raise ValueError(f"unknown data.source {data.source!r}; expected procedural, folder, recordio or occlusion")
     if data.extra_occlusion_path:
-        extra = OcclusionDataset(data.extra_occlusion_path, transform=augment, **common)
+        extra = OcclusionDataset(data.extra_occlusion_path, transform=augment, **common, **clean)
         dataset = ConcatFaceDataset([dataset, extra])
     validation = None
     if holdout is not None:
         validation = OcclusionPairs.build(holdout, synthesizer, train.val_pairs, seed=train.seed + 1)
     return DataBundle(dataset, holdout, validation, synthesizer)
+
+
+def build_model(config: Config) -> tuple[OccFaceModel, OccFaceModel | None]:
+    """The model a configuration trains, with ``model.pretrained`` loaded (and its input
+    convention, unless the config sets one), and the frozen teacher for distillation (a copy of
+    the pretrained model; None without distillation)."""
+    m = config.model
+    model = OccFaceModel(ModelConfig(m.arch, m.feature_level, m.input_size, m.width,
+                                     occlusion_hidden_channels=m.occlusion_hidden_channels))
+    if m.pretrained:
+        log.info("pretrained weights: %s", load_pretrained(model, m.pretrained))
+    chosen = {k: v for k, v in (("color_space", m.color_space), ("mean", m.input_mean), ("std", m.input_std)) if v is not None}
+    if chosen:
+        current = model.config.convention
+        convention = InputConvention(chosen.get("color_space", current.color_space), tuple(chosen.get("mean", current.mean)),
+                                     tuple(chosen.get("std", current.std)))
+        if m.pretrained and convention != current:
+            log.warning("the config's input convention %s overrides the pretrained weights' %s", convention, current)
+        model.set_convention(convention)
+    teacher = None
+    if config.loss.distill_weight > 0 or config.loss.distill_map_weight > 0:
+        if not m.pretrained:
+            raise ConfigError("loss.distill_weight and loss.distill_map_weight need model.pretrained (the teacher)")
+        teacher = copy.deepcopy(model)
+    return model, teacher
+
+
+@torch.no_grad()
+def class_mean_embeddings(model: OccFaceModel, dataset: FaceDataset, per_class: int = 8, batch_size: int = 64) -> torch.Tensor:
+    """[C, E]: the mean embedding of up to ``per_class`` clean, unaugmented images of each
+    identity (the first ones), for starting a margin head's class centres where a pretrained
+    network already puts each identity."""
+    from .data.images import resize_image, to_tensor
+
+    chosen: dict[int, list[int]] = {}
+    for index, label in enumerate(dataset.targets):
+        if label >= 0 and len(chosen.setdefault(label, [])) < per_class:
+            chosen[label].append(index)
+    if len(chosen) != dataset.num_classes:
+        raise InputError(f"{dataset.num_classes - len(chosen)} identities have no image to start their class centre from")
+    indices = [i for label in range(dataset.num_classes) for i in chosen[label]]
+    labels = torch.tensor([dataset.targets[i] for i in indices])
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(dataset.num_classes, model.backbone.embedding_size)
+    device = next(model.parameters()).device
+    for start in range(0, len(indices), batch_size):
+        part = indices[start : start + batch_size]
+        images = torch.stack([to_tensor(resize_image(dataset.read(i).image, dataset.input_size)) for i in part])
+        sums.index_add_(0, labels[start : start + batch_size], model.fused_embedding(images.to(device)).float().cpu())
+    model.train(was_training)
+    return F.normalize(sums, dim=1)
 
 
 def parameter_groups(module: MultiTaskModule, config: Config) -> list[dict]:
@@ -224,14 +326,14 @@ class Trainer:
         config, fabric = self.config, self.fabric
         self.data = build_data(config)
         dataset = self.data.train
-        model_config = ModelConfig(config.model.arch, config.model.feature_level, config.model.input_size,
-                                   config.model.width, config.model.color_space, config.model.occlusion_hidden_channels)
-        model = OccFaceModel(model_config)
-        if config.model.init_from:
-            load_adaface_checkpoint(model.backbone, config.model.init_from, color_space=config.model.color_space)
+        model, teacher = build_model(config)
         if config.model.freeze_backbone:
             model.backbone.requires_grad_(False)
-        self.module = MultiTaskModule(model, dataset.num_classes, config)
+        self.module = MultiTaskModule(model, dataset.num_classes, config, teacher)
+        if config.model.train_from:
+            self.module.freeze_backbone_before(config.model.train_from)
+        if config.loss.head_init == "class_means" and not self.resume:
+            self.module.margin_head.init_centres(class_mean_embeddings(model, dataset, config.loss.head_init_images))
         groups = parameter_groups(self.module, config)
         if config.optim.name == "sgd":
             self.optimizer = torch.optim.SGD(groups, lr=config.optim.lr, momentum=config.optim.momentum)
@@ -244,7 +346,8 @@ class Trainer:
                                                config.data.images_per_identity, seed=config.train.seed,
                                                rank=fabric.global_rank, world_size=fabric.world_size)
         self.weights = LossWeights(config.loss.adaface_weight, config.loss.qaconv_weight, config.loss.occlusion_weight,
-                                   config.loss.occlusion_weight_start, config.loss.occlusion_warmup_steps)
+                                   config.loss.occlusion_weight_start, config.loss.occlusion_warmup_steps,
+                                   config.loss.distill_weight, config.loss.distill_map_weight)
         self.step, self.epoch, self.batch_in_epoch, self.bad_steps, self.skipped = 0, 0, 0, 0, 0
         self.best = -1.0
         if self.resume:
@@ -327,19 +430,21 @@ class Trainer:
         while self.step < train.max_steps:
             batch = next(batches)
             self.batch_in_epoch += 1
+            warming_up = self.step < config.model.freeze_backbone_steps
+            self.module.backbone_frozen = (config.model.freeze_backbone or warming_up
+                                           or config.model.backbone_bn == "frozen")
             self.wrapped.train()
-            if config.model.freeze_backbone:
-                self.module.model.backbone.eval()
             images, labels, masks = (fabric.to_device(t) for t in (batch.image, batch.label, batch.mask))
-            terms = self.wrapped(images, labels, masks)
+            clean = fabric.to_device(batch.clean) if batch.clean.numel() else None
+            terms = self.wrapped(images, labels, masks, clean)
             weights = self.weights.at(self.step)
-            total = sum(weights[k] * terms[k] for k in ("adaface", "qaconv", "occlusion"))
+            total = sum(weights[k] * terms[k] for k in weights)
             finite = fabric.all_reduce(torch.isfinite(total.detach()).float(), reduce_op="min")
             self.wrapped_optimizer.zero_grad(set_to_none=True)
             if finite.item() < 1:
                 self.bad_steps += 1
                 self.skipped += 1
-                bad = [k for k in ("adaface", "qaconv", "occlusion") if not torch.isfinite(terms[k]).all()]
+                bad = [k for k in weights if not torch.isfinite(terms[k]).all()]
                 log.warning("step %d: non-finite loss (%s); update skipped", self.step + 1, ", ".join(bad) or "on another rank")
                 if self.bad_steps > train.max_bad_steps:
                     raise TrainingError(f"the loss was non-finite for {self.bad_steps} steps in a row (last at step "
@@ -347,6 +452,9 @@ class Trainer:
             else:
                 self.bad_steps = 0
                 fabric.backward(total)
+                if warming_up:  # no update, and no momentum gathered, for the frozen backbone
+                    for parameter in self.module.model.backbone.parameters():
+                        parameter.grad = None
                 if config.optim.clip_grad_norm:
                     fabric.clip_gradients(self.wrapped, self.wrapped_optimizer, max_norm=config.optim.clip_grad_norm)
                 self.wrapped_optimizer.step()
@@ -362,7 +470,7 @@ class Trainer:
             if self.writer is not None and train.image_grid_every and self.step % train.image_grid_every == 0:
                 count = min(8, images.shape[0])
                 visibility_grid(batch.image[:count], terms["occlusion_map"][:count].cpu(), batch.mask[:count],
-                                config.model.color_space, self.out_dir / "images" / f"step_{self.step:06d}.png", columns=4)
+                                self.out_dir / "images" / f"step_{self.step:06d}.png", columns=4)
             if train.val_every and self.step % train.val_every == 0 and self.step < train.max_steps:
                 self._validate()
             if train.checkpoint_every and self.step % train.checkpoint_every == 0:
@@ -384,7 +492,7 @@ class Trainer:
 
     def _log(self, terms: dict, total: torch.Tensor, weights: dict, batch, throughput: float) -> None:
         step, writer = self.step, self.writer
-        for key in ("adaface", "qaconv", "occlusion"):
+        for key in weights:
             writer.add_scalar(f"loss/{key}", terms[key].item(), step)
             writer.add_scalar(f"weight/{key}", weights[key], step)
         writer.add_scalar("loss/total", total.item(), step)

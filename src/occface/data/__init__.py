@@ -1,7 +1,7 @@
 """occface data: face and occlusion datasets, occlusion synthesis, procedural faces, sampling."""
 from .datasets import ConcatFaceDataset, FaceDataset, FaceSample, ImageFolderDataset, OcclusionDataset, RawSample
 from .errors import DataError, DataProblems
-from .images import from_model_input, read_image, read_mask, to_model_input
+from .images import read_image, read_mask, to_image, to_tensor
 from .masks import downsample_mask
 from .procedural import ProceduralFaceDataset, ProceduralFaces
 from .recordio import RecordIODataset
@@ -14,6 +14,6 @@ __all__ = [
     "ConcatFaceDataset", "DataError", "DataProblems", "FaceDataset", "FaceSample", "IdentityBalancedSampler",
     "ImageFolderDataset", "ImageListDataset", "OcclusionDataset", "OcclusionSynthesizer", "PairSet",
     "ProceduralFaceDataset", "ProceduralFaces", "RawSample", "RecordIODataset", "SynthesizeOcclusion",
-    "adaface_augmentation", "downsample_mask", "from_model_input", "load_overlays", "read_bin", "read_image",
-    "read_mask", "read_pairs_txt", "to_model_input",
+    "adaface_augmentation", "downsample_mask", "load_overlays", "read_bin", "read_image", "read_mask",
+    "read_pairs_txt", "to_image", "to_tensor",
 ]

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..models.backbone import INPUT_SIZES, check_color_space
+from ..models.backbone import INPUT_SIZES
 from .errors import DataError, DataProblems
-from .images import image_size, is_image_file, read_image, read_mask, resize_image, resize_mask, to_model_input
+from .images import image_size, is_image_file, read_image, read_mask, resize_image, resize_mask, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,16 @@ PairedTransform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[
 
 
 class FaceSample(NamedTuple):
-    """image [3, S, S] float32 in [-1, 1]; label: identity index or -1; mask [1, S, S] in [0, 1]
-    (1 = visible); occluded: whether any of the face is hidden."""
+    """image [3, S, S] float32 RGB in [0, 1]; label: identity index or -1; mask [1, S, S] in [0, 1]
+    (1 = visible); occluded: whether any of the face is hidden; clean: the same face with the same
+    augmentation but no synthesised occluder [3, S, S] (a distillation target), or an empty
+    tensor [0] where the dataset was not asked for it."""
 
     image: torch.Tensor
     label: int
     mask: torch.Tensor
     occluded: bool
+    clean: torch.Tensor = torch.empty(0)
 
 
 @dataclass(frozen=True)
@@ -55,21 +58,22 @@ class FaceDataset(Dataset, abc.ABC):
     Subclasses set ``identities`` (names), ``targets`` (label per index) and ``occluded_flags``
     (per index, whether the face has an occlusion mask) and implement :meth:`read`.
     Randomness in transforms comes from ``(seed, epoch, index)``, so a sample is reproducible
-    whatever worker loads it; call :meth:`set_epoch` each epoch.
+    whatever worker loads it; call :meth:`set_epoch` each epoch. With ``clean_targets`` each
+    sample also carries the face without its synthesised occluder (:attr:`FaceSample.clean`).
     """
 
     identities: list[str]
     targets: list[int]
     occluded_flags: list[bool]
 
-    def __init__(self, color_space: str = "RGB", input_size: int = 112,
-                 transform: PairedTransform | None = None, seed: int = 0) -> None:
+    def __init__(self, input_size: int = 112, transform: PairedTransform | None = None, seed: int = 0,
+                 clean_targets: bool = False) -> None:
         if input_size not in INPUT_SIZES:
             raise ValueError(f"input_size must be one of {INPUT_SIZES}, got {input_size!r}")
-        self.color_space = check_color_space(color_space)
         self.input_size = input_size
         self.transform = transform
         self.seed = seed
+        self.clean_targets = clean_targets
         self.epoch = 0
 
     @property
@@ -88,15 +92,23 @@ class FaceDataset(Dataset, abc.ABC):
 
     def __getitem__(self, index: int) -> FaceSample:
         raw = self.read(index)
-        image = resize_image(raw.image, self.input_size)
-        mask = (np.ones(image.shape[:2], np.float32) if raw.mask is None
-                else resize_mask(raw.mask, self.input_size, self.input_size))
+        source = resize_image(raw.image, self.input_size)
+        source_mask = (np.ones(source.shape[:2], np.float32) if raw.mask is None
+                       else resize_mask(raw.mask, self.input_size, self.input_size))
+        image, mask, clean = source, source_mask, source
         if self.transform is not None:
-            rng = np.random.default_rng((self.seed, self.epoch, index))
-            image, mask = self.transform(image, mask, rng)
+            image, mask = self.transform(source, source_mask, np.random.default_rng((self.seed, self.epoch, index)))
+            if self.clean_targets:  # the same random draws, the occluder left out
+                from .synth import without_occlusion
+
+                clean, _ = without_occlusion(self.transform)(source, source_mask,
+                                                             np.random.default_rng((self.seed, self.epoch, index)))
         mask_tensor = torch.from_numpy(np.array(mask, dtype=np.float32))[None]
-        return FaceSample(to_model_input(image, self.color_space), raw.label, mask_tensor,
-                          self.is_occluded(index, mask_tensor))
+        image_tensor = to_tensor(image)
+        clean_tensor = torch.empty(0)
+        if self.clean_targets:
+            clean_tensor = image_tensor if clean is image else to_tensor(clean)
+        return FaceSample(image_tensor, raw.label, mask_tensor, self.is_occluded(index, mask_tensor), clean_tensor)
 
     def is_occluded(self, index: int, mask: torch.Tensor) -> bool:
         """Whether sample ``index`` counts as occluded: by default, when its mask hides pixels."""
@@ -257,9 +269,9 @@ class ConcatFaceDataset(FaceDataset):
             raise ValueError("ConcatFaceDataset needs at least one dataset")
         first = datasets[0]
         for other in datasets[1:]:
-            if (other.color_space, other.input_size) != (first.color_space, first.input_size):
-                raise ValueError("datasets to concatenate must share color_space and input_size")
-        super().__init__(first.color_space, first.input_size, None, first.seed)
+            if (other.input_size, other.clean_targets) != (first.input_size, first.clean_targets):
+                raise ValueError("datasets to concatenate must share input_size and clean_targets")
+        super().__init__(first.input_size, None, first.seed, first.clean_targets)
         self.datasets = list(datasets)
         names = [d.identities[t] for d in datasets for t in d.targets if t >= 0]
         self.identities, index = _identity_index(names)

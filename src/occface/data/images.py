@@ -1,8 +1,8 @@
 """Reading face images and visibility masks, and turning them into model input.
 
 Images are handled as ``uint8`` arrays ``[H, W, 3]`` in RGB order until the last step,
-:func:`to_model_input`, which normalises as AdaFace does, ``(x / 255 - 0.5) / 0.5``, and puts the
-channels in the model's colour order (``"RGB"`` or ``"BGR"``; AdaFace's weights expect BGR).
+:func:`to_tensor`, which gives ``float32 [3, H, W]`` RGB in [0, 1]. Colour order and normalisation
+belong to the model (its input convention), never to the data.
 Masks are ``float32`` arrays ``[H, W]`` in [0, 1], 1 = visible, read from 8-bit grayscale PNGs
 (255 = visible).
 """
@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..models.backbone import check_color_space
 from .errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -92,23 +91,20 @@ def resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(Image.fromarray(mask.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
 
 
-def to_model_input(image: np.ndarray, color_space: str) -> torch.Tensor:
-    """``uint8 [H, W, 3]`` RGB -> ``float32 [3, H, W]`` in [-1, 1], in ``color_space`` order."""
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """``uint8 [H, W, 3]`` RGB -> ``float32 [3, H, W]`` RGB in [0, 1], what every occface model
+    takes (the model applies its own input convention)."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise DataError(f"expected a uint8 [H, W, 3] image, got {image.dtype} {list(image.shape)}")
-    if check_color_space(color_space) == "BGR":
-        image = image[:, :, ::-1]
     image = np.ascontiguousarray(image)
     if not image.flags.writeable:
         image = image.copy()
-    tensor = torch.from_numpy(image).permute(2, 0, 1).float()
-    return tensor.div_(255.0).sub_(0.5).div_(0.5)
+    return torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)
 
 
-def from_model_input(tensor: torch.Tensor, color_space: str) -> np.ndarray:
-    """Inverse of :func:`to_model_input`: ``[3, H, W]`` in [-1, 1] -> ``uint8 [H, W, 3]`` RGB."""
-    image = ((tensor.detach().float().cpu() * 0.5 + 0.5).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    return np.ascontiguousarray(image[:, :, ::-1] if check_color_space(color_space) == "BGR" else image)
+def to_image(tensor: torch.Tensor) -> np.ndarray:
+    """Inverse of :func:`to_tensor`: ``[3, H, W]`` RGB in [0, 1] -> ``uint8 [H, W, 3]``."""
+    return np.ascontiguousarray((tensor.detach().float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
 
 
 def tile_grid(tiles: list[np.ndarray], columns: int) -> np.ndarray:

@@ -355,11 +355,27 @@ class SynthesizeOcclusion:
     multiply the mask by the occluder's visibility (the spec's authors trained with 80% occluded
     and 20% clean faces, so the head also learns "all visible")."""
 
-    def __init__(self, synthesizer: OcclusionSynthesizer, p: float = 0.8) -> None:
-        self.synthesizer, self.p = synthesizer, p
+    def __init__(self, synthesizer: OcclusionSynthesizer, p: float = 0.8, composite: bool = True) -> None:
+        self.synthesizer, self.p, self.composite = synthesizer, p, composite
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         if rng.random() >= self.p:
             return image, mask
+        if not self.composite:  # draw the occluder as usual, so later transforms draw alike, but leave it out
+            self.synthesizer.layer(image.shape[0], rng)
+            return image, mask
         occluded, visibility, _ = self.synthesizer(image, rng)
         return occluded, mask * visibility
+
+
+def without_occlusion(transform):
+    """The same paired transform with every :class:`SynthesizeOcclusion` in it drawing its random
+    numbers but not compositing: run with an RNG in the same state, it gives the clean face with
+    exactly the augmentation (flip, crop, blur, colour) of the occluded one."""
+    from .transforms import Compose
+
+    if isinstance(transform, Compose):
+        return Compose([without_occlusion(t) for t in transform.transforms])
+    if isinstance(transform, SynthesizeOcclusion):
+        return SynthesizeOcclusion(transform.synthesizer, transform.p, composite=False)
+    return transform

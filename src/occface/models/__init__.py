@@ -1,23 +1,37 @@
-"""occface models: the IR backbone, the occlusion head and the QAConv matcher."""
+"""occface models: IR and MobileFaceNet backbones, the occlusion head, the QAConv matcher, the whole
+model, input conventions and pretrained-weight loading."""
 from .backbone import FEATURE_LEVELS, INPUT_SIZES, STAGE_UNITS, Backbone, BackboneOutput, IRUnit, SqueezeExcite
 from .checkpoint import CheckpointError, describe_backbone_state, load_adaface_checkpoint, read_state_dict
+from .convention import ADAFACE_INPUT, IMAGENET_INPUT, InputConvention, InputNormalization, check_color_space
+from .mobilefacenet import MobileFaceNet
+from .occface import ARCHITECTURES, ModelConfig, OccFaceModel, OccFaceOutput, build_backbone
 from .occlusion_head import OcclusionHead
+from .pretrained import load_pretrained
 from .qaconv import QAConv
 
-ARCHITECTURES = tuple(STAGE_UNITS)
-
 __all__ = [
+    "ADAFACE_INPUT",
     "ARCHITECTURES",
     "FEATURE_LEVELS",
+    "IMAGENET_INPUT",
     "INPUT_SIZES",
     "Backbone",
     "BackboneOutput",
     "CheckpointError",
     "IRUnit",
+    "InputConvention",
+    "InputNormalization",
+    "MobileFaceNet",
+    "ModelConfig",
+    "OccFaceModel",
+    "OccFaceOutput",
     "OcclusionHead",
     "QAConv",
     "SqueezeExcite",
+    "build_backbone",
+    "check_color_space",
     "describe_backbone_state",
     "load_adaface_checkpoint",
+    "load_pretrained",
     "read_state_dict",
 ]

@@ -107,8 +107,10 @@ class Backbone(nn.Module):
         input_size: 112 or 224 (square).
         width: multiplier on every channel count; AdaFace checkpoints need 1.0. Small values give
             CPU-sized models for demos and tests. The embedding stays 512-d.
-        color_space: channel order the weights expect, ``"RGB"`` or ``"BGR"`` (AdaFace: BGR).
-            Data pipelines read it to feed the right order; the model itself never reorders.
+
+    The backbone takes images already in its weights' input convention (AdaFace: BGR,
+    ``(x - 0.5) / 0.5``); ``OccFaceModel`` applies the convention stored with it
+    (:mod:`occface.models.convention`).
     """
 
     def __init__(
@@ -117,7 +119,6 @@ class Backbone(nn.Module):
         feature_level: str = "block4",
         input_size: int = 112,
         width: float = 1.0,
-        color_space: str = "RGB",
     ) -> None:
         super().__init__()
         if arch not in STAGE_UNITS:
@@ -132,7 +133,6 @@ class Backbone(nn.Module):
         self.feature_level = feature_level
         self.input_size = input_size
         self.width = float(width)
-        self.color_space = check_color_space(color_space)
 
         channels = [max(1, round(c * width)) for c in STAGE_CHANNELS]
         units = STAGE_UNITS[arch]
@@ -179,7 +179,7 @@ class Backbone(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> BackboneOutput:
-        """x: [B, 3, S, S] images normalised to [-1, 1] in ``self.color_space`` order, S = input_size."""
+        """x: [B, 3, S, S] images in the weights' input convention, S = input_size."""
         if x.dim() != 4 or x.shape[1] != 3 or x.shape[2] != self.input_size or x.shape[3] != self.input_size:
             raise ValueError(
                 f"expected images of shape [B, 3, {self.input_size}, {self.input_size}], got {list(x.shape)}"
@@ -193,11 +193,3 @@ class Backbone(nn.Module):
         embedding = self.output_layer(x)
         norm = torch.norm(embedding, 2, 1, True)
         return BackboneOutput(embedding / norm.clamp_min(1e-12), norm, feature_map)
-
-
-def check_color_space(color_space: str) -> str:
-    """Return the canonical colour-space name ("RGB" or "BGR") or raise a clear error."""
-    value = str(color_space).upper()
-    if value not in ("RGB", "BGR"):
-        raise ValueError(f"color_space must be 'RGB' or 'BGR', got {color_space!r}")
-    return value

@@ -1,4 +1,5 @@
-"""Loading AdaFace's released backbone weights (and plain state dicts) into :class:`Backbone`."""
+"""Reading weight files (Lightning ``.ckpt``, state dicts, ``.safetensors``) and loading them
+strictly into a backbone, with errors that say what a file that does not fit looks like."""
 from __future__ import annotations
 
 import argparse
@@ -9,9 +10,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..errors import InputError
-from .backbone import STAGE_CHANNELS, STAGE_UNITS, Backbone, check_color_space
+from .backbone import STAGE_CHANNELS, STAGE_UNITS, Backbone
 
 
 class CheckpointError(InputError):
@@ -61,11 +63,25 @@ def backbone_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
+def backbone_family(state: Mapping[str, torch.Tensor]) -> str | None:
+    """``"ir"``, ``"mobilefacenet"`` or None, from a backbone state dict's key names."""
+    if "input_layer.0.weight" in state and any(k.startswith("body.") for k in state):
+        return "ir"
+    if {"conv1.0.weight", "dw_conv.depthwise.weight", "gdconv.depthwise.weight"} <= set(state):
+        return "mobilefacenet"
+    return None
+
+
 def describe_backbone_state(state: Mapping[str, torch.Tensor]) -> str:
     """A best guess at what architecture a backbone state dict belongs to, for error messages."""
+    family = backbone_family(state)
+    if family == "mobilefacenet":
+        units = {int(m.group(1)) for k in state if (m := re.match(r"features\.(\d+)\.", k))}
+        return f"mobilefacenet with {max(units, default=-1) + 1} inverted-residual units"
     units = {int(m.group(1)) for k in state if (m := re.match(r"body\.(\d+)\.", k))}
-    if not units or "input_layer.0.weight" not in state:
-        return "not an IR backbone (no input_layer/body keys)"
+    if family is None or not units:
+        keys = ", ".join(list(state)[:3])
+        return f"no backbone occface knows (neither IR nor MobileFaceNet keys; first keys: {keys})"
     num_units = max(units) + 1
     se = any(".se_block." in k for k in state)
     names = [a for a, u in STAGE_UNITS.items() if sum(u) == num_units and a.startswith("ir_se") == se]
@@ -97,7 +113,7 @@ def _listing(title: str, items: list[str], by_module: bool = False, shown: int =
     return f"\n  {title} ({count}): " + ", ".join(items[:shown]) + more
 
 
-def load_backbone_state(backbone: Backbone, state: Mapping[str, torch.Tensor], source: str) -> None:
+def load_backbone_state(backbone: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Load backbone weights strictly; any missing, unexpected or mis-shaped key is an error."""
     expected = backbone.state_dict()
     missing = sorted(set(expected) - set(state), key=_natural_key)
@@ -109,7 +125,7 @@ def load_backbone_state(backbone: Backbone, state: Mapping[str, torch.Tensor], s
     ]
     if missing or unexpected or mis_shaped:
         raise CheckpointError(
-            f"{source}: checkpoint does not fit Backbone(arch={backbone.arch!r}, width={backbone.width:g}, "
+            f"{source}: checkpoint does not fit the backbone (arch={backbone.arch!r}, width={backbone.width:g}, "
             f"input_size={backbone.input_size}); the checkpoint looks like {describe_backbone_state(state)}."
             + _listing("missing", missing, by_module=True)
             + _listing("unexpected", unexpected, by_module=True)
@@ -118,18 +134,15 @@ def load_backbone_state(backbone: Backbone, state: Mapping[str, torch.Tensor], s
     backbone.load_state_dict(state, strict=True)
 
 
-def load_adaface_checkpoint(
-    backbone: Backbone, path: str | Path, *, color_space: str = "BGR", trusted: bool = False
-) -> Backbone:
-    """Load AdaFace weights into ``backbone`` (in place) and return it.
+def load_adaface_checkpoint(backbone: Backbone, path: str | Path, *, trusted: bool = False) -> Backbone:
+    """Load AdaFace weights into an IR ``backbone`` (in place, strictly) and return it.
 
     Accepts AdaFace's released Lightning ``.ckpt`` files (``state_dict`` with ``model.``-prefixed
     backbone keys; ``head.*`` is ignored), plain state dicts and ``.safetensors`` files. The
-    feature level does not matter: parameter names are the same at block 3 and block 4.
-    AdaFace was trained on BGR images, so ``backbone.color_space`` is set to ``color_space``
-    ("BGR" by default) for data pipelines to honour.
+    feature level does not matter: parameter names are the same at block 3 and block 4. AdaFace's
+    weights expect :data:`~occface.models.convention.ADAFACE_INPUT` (BGR, ``(x - 0.5) / 0.5``);
+    :func:`occface.models.load_pretrained` loads them into a whole model with that convention.
     """
     state = backbone_keys(read_state_dict(path, trusted=trusted))
     load_backbone_state(backbone, state, str(path))
-    backbone.color_space = check_color_space(color_space)
     return backbone

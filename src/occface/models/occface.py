@@ -10,10 +10,14 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .backbone import Backbone
+from .backbone import STAGE_UNITS, Backbone
 from .checkpoint import CheckpointError
+from .convention import InputConvention, InputNormalization
+from .mobilefacenet import MobileFaceNet
 from .occlusion_head import OcclusionHead
 from .qaconv import QAConv
+
+ARCHITECTURES = (*STAGE_UNITS, "mobilefacenet")
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -22,18 +26,39 @@ WEIGHTS_FILE = "model.safetensors"
 ADDED_KEYS = frozenset({"qaconv.visibility_fc.weight"})
 
 
+def build_backbone(arch: str, feature_level: str = "block4", input_size: int = 112,
+                   width: float = 1.0) -> Backbone | MobileFaceNet:
+    """An IR backbone (``ir_18`` ... ``ir_se_50``) or ``mobilefacenet`` (width 1 only)."""
+    if arch == "mobilefacenet":
+        if width != 1.0:
+            raise ValueError(f"mobilefacenet has one width (1.0), got width={width!r}")
+        return MobileFaceNet(feature_level, input_size)
+    if arch not in STAGE_UNITS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {list(ARCHITECTURES)}")
+    return Backbone(arch, feature_level, input_size, width)
+
+
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild the network; ``calibration`` holds decision thresholds
-    (e.g. ``{"embedding": {"far": 0.01, "threshold": 0.31}, ...}``) measured on validation pairs."""
+    """Everything needed to rebuild the network. ``color_space``, ``input_mean`` and ``input_std``
+    are the input convention of its weights (:class:`InputConvention`; models saved before they
+    existed used RGB with mean = std = 0.5, the defaults). ``calibration`` holds decision
+    thresholds (e.g. ``{"embedding": {"far": 0.01, "threshold": 0.31}, ...}``) and the fusion's
+    statistics and weights, measured on validation pairs."""
 
     arch: str = "ir_50"
     feature_level: str = "block4"
     input_size: int = 112
     width: float = 1.0
     color_space: str = "RGB"
+    input_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    input_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     occlusion_hidden_channels: int = 128
     calibration: dict = field(default_factory=dict)
+
+    @property
+    def convention(self) -> InputConvention:
+        return InputConvention(self.color_space, tuple(self.input_mean), tuple(self.input_std))
 
 
 class OccFaceOutput(NamedTuple):
@@ -46,31 +71,46 @@ class OccFaceOutput(NamedTuple):
 
 
 class OccFaceModel(nn.Module):
+    """Input convention -> backbone -> (embedding, norm, feature map) -> occlusion head; and the
+    QAConv matcher for pairs of feature maps.
+
+    Every input is ``[B, 3, S, S]`` RGB in [0, 1]; the model applies its weights' convention
+    (``config.convention``) itself."""
+
     def __init__(self, config: ModelConfig | None = None) -> None:
         super().__init__()
         self.config = config or ModelConfig()
         c = self.config
-        self.backbone = Backbone(c.arch, c.feature_level, c.input_size, c.width, c.color_space)
+        self.normalize = InputNormalization(c.convention)
+        self.backbone = build_backbone(c.arch, c.feature_level, c.input_size, c.width)
         self.occlusion_head = OcclusionHead(self.backbone.feature_channels, c.occlusion_hidden_channels)
         size = self.backbone.feature_size
         self.qaconv = QAConv(self.backbone.feature_channels, size, size)
 
     @property
     def color_space(self) -> str:
-        return self.backbone.color_space
+        return self.config.color_space
+
+    def set_convention(self, convention: InputConvention) -> None:
+        """Use (and save) another input convention, e.g. that of pretrained weights just loaded."""
+        self.config.color_space = convention.color_space
+        self.config.input_mean, self.config.input_std = list(convention.mean), list(convention.std)
+        device = next(self.parameters()).device
+        self.normalize = InputNormalization(convention).to(device)
 
     def forward(self, images: torch.Tensor) -> OccFaceOutput:
-        """images [B, 3, S, S] in [-1, 1], in ``color_space`` order."""
-        out = self.backbone(images)
+        """images [B, 3, S, S]: RGB in [0, 1]."""
+        out = self.backbone(self.normalize(images))
         return OccFaceOutput(out.embedding, out.norm, out.feature_map, self.occlusion_head(out.feature_map))
 
     def fused_embedding(self, images: torch.Tensor, out: OccFaceOutput | None = None) -> torch.Tensor:
         """AdaFace's flip-and-norm fusion: embeddings of the images and of their mirror images,
-        each weighted by its norm, summed and re-normalised -> [B, 512]. ``out`` reuses a forward
+        each weighted by its norm, summed and re-normalised -> [B, E]. ``out`` reuses a forward
         pass already made on ``images``."""
         out = out if out is not None else self(images)
-        flipped = self.backbone(images.flip(3))
-        return torch.nn.functional.normalize(out.embedding * out.norm + flipped.embedding * flipped.norm, dim=1)
+        flipped = self.backbone(self.normalize(images.flip(3)))
+        fused = out.embedding.float() * out.norm.float() + flipped.embedding.float() * flipped.norm.float()
+        return torch.nn.functional.normalize(fused, dim=1)  # fp32 whatever the forward ran in
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json`` and ``model.safetensors`` (each atomically) to ``directory``."""
@@ -78,7 +118,6 @@ class OccFaceModel(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.config.color_space = self.backbone.color_space
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         temporary = directory / f".{WEIGHTS_FILE}.tmp"
         save_file(state, str(temporary), metadata={"format": "pt", "library": "occface"})
@@ -104,7 +143,10 @@ class OccFaceModel(nn.Module):
             config = ModelConfig(**values)
         except (json.JSONDecodeError, TypeError) as error:
             raise CheckpointError(f"{config_path}: not a valid occface model config ({error})") from error
-        model = cls(config)
+        try:
+            model = cls(config)
+        except ValueError as error:
+            raise CheckpointError(f"{config_path}: not a valid occface model config ({error})") from error
         state = load_file(str(weights_path), device=str(map_location))
         expected = model.state_dict()
         missing, unexpected = sorted(set(expected) - set(state) - ADDED_KEYS), sorted(set(state) - set(expected))
