@@ -245,3 +245,26 @@ def test_distillation_needs_pretrained_weights(tmp_path):
     config = load_config(default_config_path(), ["loss.distill_weight=1.0", "model.arch=ir_18", "model.width=0.125"])
     with pytest.raises(ConfigError, match="need model.pretrained"):
         build_model(config)
+
+
+def test_frozen_backbone_statistics_and_teacher_stay_in_eval_mode():
+    from occface.train import MultiTaskModule
+
+    config = load_config(default_config_path(), ["model.arch=ir_18", "model.width=0.125"])
+    model = OccFaceModel(ModelConfig(arch="ir_18", width=0.125, occlusion_hidden_channels=8))
+    module = MultiTaskModule(model, 4, config, teacher=OccFaceModel(ModelConfig(arch="ir_18", width=0.125,
+                                                                                   occlusion_hidden_channels=8)))
+    module.train()
+    assert model.backbone.training and model.occlusion_head.training and not module.teacher.training
+    module.backbone_frozen = True
+    module.train()
+    assert not model.backbone.training and model.occlusion_head.training and model.qaconv.training
+    frozen = module.freeze_backbone_before("body.1")
+    assert frozen and all(name.startswith("input_layer.") or name.startswith("body.0.") for name in frozen)
+    module.backbone_frozen = False
+    module.train()
+    assert not model.backbone.input_layer[1].training and model.backbone.body[1].res_layer[1].training
+    from occface.config import ConfigError
+
+    with pytest.raises(ConfigError, match="names no backbone layer"):
+        module.freeze_backbone_before("features.5")

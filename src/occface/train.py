@@ -219,11 +219,13 @@ def build_model(config: Config) -> tuple[OccFaceModel, OccFaceModel | None]:
 
 
 @torch.no_grad()
-def class_mean_embeddings(model: OccFaceModel, dataset: FaceDataset, per_class: int = 8, batch_size: int = 64) -> torch.Tensor:
+def class_mean_embeddings(model: OccFaceModel, dataset: FaceDataset, per_class: int = 8, batch_size: int = 64,
+                          precision: str = "fp32") -> torch.Tensor:
     """[C, E]: the mean embedding of up to ``per_class`` clean, unaugmented images of each
     identity (the first ones), for starting a margin head's class centres where a pretrained
-    network already puts each identity."""
+    network already puts each identity. ``precision``: the network's (``bf16`` autocast or fp32)."""
     from .data.images import resize_image, to_tensor
+    from .precision import autocast
 
     chosen: dict[int, list[int]] = {}
     for index, label in enumerate(dataset.targets):
@@ -240,7 +242,9 @@ def class_mean_embeddings(model: OccFaceModel, dataset: FaceDataset, per_class: 
     for start in range(0, len(indices), batch_size):
         part = indices[start : start + batch_size]
         images = torch.stack([to_tensor(resize_image(dataset.read(i).image, dataset.input_size)) for i in part])
-        sums.index_add_(0, labels[start : start + batch_size], model.fused_embedding(images.to(device)).float().cpu())
+        with autocast(precision, device):  # the fused embedding is fp32 either way
+            embedding = model.fused_embedding(images.to(device))
+        sums.index_add_(0, labels[start : start + batch_size], embedding.cpu())
     model.train(was_training)
     return F.normalize(sums, dim=1)
 
@@ -316,6 +320,7 @@ class Trainer:
         if precision == "auto":
             uses_gpu = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
             precision = "bf16-mixed" if uses_gpu else "32-true"
+        self.precision = precision
         self.fabric = L.Fabric(accelerator=accelerator, devices=train.devices, precision=precision)
         self.fabric.launch()
         self.fabric.seed_everything(train.seed, verbose=False)
@@ -333,7 +338,9 @@ class Trainer:
         if config.model.train_from:
             self.module.freeze_backbone_before(config.model.train_from)
         if config.loss.head_init == "class_means" and not self.resume:
-            self.module.margin_head.init_centres(class_mean_embeddings(model, dataset, config.loss.head_init_images))
+            precision = "bf16" if self.precision.startswith("bf16") else "fp32"
+            self.module.margin_head.init_centres(class_mean_embeddings(model, dataset, config.loss.head_init_images,
+                                                                       precision=precision))
         groups = parameter_groups(self.module, config)
         if config.optim.name == "sgd":
             self.optimizer = torch.optim.SGD(groups, lr=config.optim.lr, momentum=config.optim.momentum)

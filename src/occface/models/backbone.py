@@ -169,14 +169,7 @@ class Backbone(nn.Module):
     def reset_parameters(self) -> None:
         """AdaFace's initialisation: Kaiming-normal (fan_out, ReLU) convs and linears with zero
         bias, BatchNorm2d at weight 1 / bias 0; PReLU and BatchNorm1d keep PyTorch's defaults."""
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        kaiming_fan_out_init(self)
 
     def forward(self, x: torch.Tensor) -> BackboneOutput:
         """x: [B, 3, S, S] images in the weights' input convention, S = input_size."""
@@ -193,3 +186,16 @@ class Backbone(nn.Module):
         embedding = self.output_layer(x)
         norm = torch.norm(embedding, 2, 1, True)
         return BackboneOutput(embedding / norm.clamp_min(1e-12), norm, feature_map)
+
+
+def kaiming_fan_out_init(network: nn.Module) -> None:
+    """Kaiming-normal (fan_out, ReLU gain) weights and zero biases for every Conv2d and Linear;
+    weight 1 and bias 0 for every BatchNorm2d."""
+    for module in network.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbone import FEATURE_LEVELS, BackboneOutput
+from .backbone import FEATURE_LEVELS, BackboneOutput, kaiming_fan_out_init
 
 # (expansion, output channels, units, stride of the first unit) per stage.
 STAGES = ((2, 64, 5, 2), (4, 128, 1, 2), (2, 128, 6, 1), (4, 128, 1, 2), (2, 128, 2, 1))
@@ -117,14 +117,7 @@ class MobileFaceNet(nn.Module):
 
     def reset_parameters(self) -> None:
         """Kaiming-normal (fan_out) convs with zero bias; BatchNorms at weight 1, bias 0."""
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out")
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        kaiming_fan_out_init(self)
 
     def forward(self, x: torch.Tensor) -> BackboneOutput:
         """x: [B, 3, 112, 112], already normalised in the weights' input convention."""
