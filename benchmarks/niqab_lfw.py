@@ -158,7 +158,7 @@ def pretrained(args: argparse.Namespace) -> int:
                                      "loss.distill_map_weight=0", "loss.head_init=random"]}
     summaries = {}
     for name, extra in runs.items():
-        if args.only_eval and (args.out / name / "model").is_dir():
+        if args.reuse_trained and (args.out / name / "model").is_dir():
             continue
         config = load_config(config_path, [*common, *extra, *args.overrides, f"train.out_dir={args.out / name}"])
         summary = Trainer(config).fit()
@@ -236,7 +236,7 @@ def main() -> int:
     parser.add_argument("--precision", default="auto", help="auto | fp32 | bf16 (pretrained mode)")
     parser.add_argument("--held-out-occluders", action="store_true", help="also the procedural niqab and mask")
     parser.add_argument("--pairs", type=int, default=None, help="evaluate only the first N pairs (a quick look)")
-    parser.add_argument("--only-eval", action="store_true", help="reuse models already trained in --out")
+    parser.add_argument("--reuse-trained", action="store_true", help="skip training a model (full, baseline) already in --out")
     parser.add_argument("overrides", nargs="*", help="further config overrides, section.key=value")
     args = parser.parse_args()
     missing = [name for name in NEEDED if not (args.data / name).exists()]
