@@ -42,7 +42,7 @@ import numpy as np
 
 from occface.config import load_config
 from occface.demo import default_config_path
-from occface.evaluate import (PAIR_KINDS, Features, VariantDataset, calibrated_fusion_weight, compare_sources,
+from occface.evaluate import (Features, VariantDataset, calibrated_fusion_weight, compare_sources,
                               comparison_table, evaluate_pairs, extract_features, pair_scores, run_eval, summary_table)
 from occface.train import Trainer
 
@@ -201,7 +201,7 @@ def pretrained(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pretrained.json").write_text(json.dumps(result, indent=2, default=float))
     print_tables(table, comparisons, list(conditions))
-    print(f"\nevaluation faces/s (two passes each, the image and its mirror): "
+    print("\nevaluation faces/s (two passes each, the image and its mirror): "
           + ", ".join(f"{k} {v:.0f}" for k, v in speed.items()))
     print(f"total {result['total_seconds']:.0f} s; results: {args.out / 'pretrained.json'}")
     return 0

@@ -14,7 +14,8 @@ from occface.data.transforms import Compose, adaface_augmentation
 from occface.demo import default_config_path
 from occface.models import (ADAFACE_INPUT, IMAGENET_INPUT, Backbone, CheckpointError, InputConvention, MobileFaceNet,
                             ModelConfig, OccFaceModel, load_pretrained)
-from occface.train import Trainer, class_mean_embeddings
+from occface.objective import class_mean_embeddings
+from occface.train import Trainer
 
 SHARED_MODELS = Path(os.environ.get("OCCFACE_SHARED_MODELS", Path(__file__).resolve().parents[2] / "shared" / "models"))
 MOBILEFACENET = SHARED_MODELS / "mobilefacenet_ms1m.pt"
@@ -240,7 +241,7 @@ def test_class_means_start_the_margin_head(tmp_path):
 
 def test_distillation_needs_pretrained_weights(tmp_path):
     from occface.config import ConfigError
-    from occface.train import build_model
+    from occface.objective import build_model
 
     config = load_config(default_config_path(), ["loss.distill_weight=1.0", "model.arch=ir_18", "model.width=0.125"])
     with pytest.raises(ConfigError, match="need model.pretrained"):
@@ -248,7 +249,7 @@ def test_distillation_needs_pretrained_weights(tmp_path):
 
 
 def test_frozen_backbone_statistics_and_teacher_stay_in_eval_mode():
-    from occface.train import MultiTaskModule
+    from occface.objective import MultiTaskModule
 
     config = load_config(default_config_path(), ["model.arch=ir_18", "model.width=0.125"])
     model = OccFaceModel(ModelConfig(arch="ir_18", width=0.125, occlusion_hidden_channels=8))

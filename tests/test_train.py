@@ -10,7 +10,8 @@ from occface.errors import InputError
 from occface.evaluate import (calibrated_fusion_weight, choose_strata_rule, evaluate_occlusion_pairs, fuse, strata_rule,
                               threshold_at_far)
 from occface.models.occface import OccFaceModel
-from occface.train import MultiTaskModule, Trainer, TrainingError, atomic_save, calibrate
+from occface.objective import MultiTaskModule
+from occface.train import Trainer, TrainingError, atomic_save, calibrate
 
 TINY = [
     "model.arch=ir_18", "model.width=0.125", "model.occlusion_hidden_channels=8",

@@ -27,6 +27,7 @@ __all__ = [
     "OccFaceOutput",
     "OcclusionHead",
     "QAConv",
+    "STAGE_UNITS",
     "SqueezeExcite",
     "build_backbone",
     "check_color_space",
