@@ -96,6 +96,11 @@ class LossSection:
     head_init: Literal["random", "class_means"] = "random"
     head_init_images: int = 8  # images per identity for class_means
 
+    @property
+    def distills(self) -> bool:
+        """Whether a term learns from the frozen pretrained teacher (and needs clean targets)."""
+        return self.distill_weight > 0 or self.distill_map_weight > 0
+
 
 @dataclass
 class OptimSection:

@@ -4,6 +4,7 @@ input convention, class centres)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 
 import torch
@@ -16,7 +17,6 @@ from .data.masks import downsample_mask
 from .errors import InputError
 from .losses import (MarginHead, QAConvPairLoss, embedding_distillation, occlusion_loss,
                      visible_map_distillation)
-from .models.convention import InputConvention
 from .models.occface import ModelConfig, OccFaceModel
 from .models.pretrained import load_pretrained
 
@@ -107,16 +107,16 @@ def build_model(config: Config) -> tuple[OccFaceModel, OccFaceModel | None]:
                                      occlusion_hidden_channels=m.occlusion_hidden_channels))
     if m.pretrained:
         log.info("pretrained weights: %s", load_pretrained(model, m.pretrained))
-    chosen = {k: v for k, v in (("color_space", m.color_space), ("mean", m.input_mean), ("std", m.input_std)) if v is not None}
-    if chosen:
+    overrides = {k: v for k, v in (("color_space", m.color_space), ("mean", m.input_mean), ("std", m.input_std))
+                 if v is not None}
+    if overrides:
         current = model.config.convention
-        convention = InputConvention(chosen.get("color_space", current.color_space), tuple(chosen.get("mean", current.mean)),
-                                     tuple(chosen.get("std", current.std)))
+        convention = dataclasses.replace(current, **overrides)  # __post_init__ checks and makes tuples
         if m.pretrained and convention != current:
             log.warning("the config's input convention %s overrides the pretrained weights' %s", convention, current)
         model.set_convention(convention)
     teacher = None
-    if config.loss.distill_weight > 0 or config.loss.distill_map_weight > 0:
+    if config.loss.distills:
         if not m.pretrained:
             raise ConfigError("loss.distill_weight and loss.distill_map_weight need model.pretrained (the teacher)")
         teacher = copy.deepcopy(model)

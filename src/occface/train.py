@@ -61,7 +61,7 @@ def build_data(config: Config) -> DataBundle:
     augment = adaface_augmentation(data.flip, data.crop, data.low_res, data.photometric)
     transform = Compose([SynthesizeOcclusion(synthesizer, data.occlusion_probability), augment])  # clean faces
     common = dict(input_size=config.model.input_size, seed=train.seed)
-    clean = dict(clean_targets=config.loss.distill_weight > 0 or config.loss.distill_map_weight > 0)
+    clean = dict(clean_targets=config.loss.distills)
     holdout: FaceDataset | None = None
     if data.source == "procedural":
         faces = ProceduralFaces(data.procedural_identities, data.procedural_images, data.procedural_seed, config.model.input_size)

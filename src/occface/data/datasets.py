@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from ..models.backbone import INPUT_SIZES
 from .errors import DataError, DataProblems
 from .images import image_size, is_image_file, read_image, read_mask, resize_image, resize_mask, to_tensor
+from .synth import without_occlusion
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class FaceDataset(Dataset, abc.ABC):
         self.seed = seed
         self.clean_targets = clean_targets
         self.epoch = 0
+        self._clean_transform: PairedTransform | None = None  # built on first use
 
     @property
     def num_classes(self) -> int:
@@ -99,10 +101,9 @@ class FaceDataset(Dataset, abc.ABC):
         if self.transform is not None:
             image, mask = self.transform(source, source_mask, np.random.default_rng((self.seed, self.epoch, index)))
             if self.clean_targets:  # the same random draws, the occluder left out
-                from .synth import without_occlusion
-
-                clean, _ = without_occlusion(self.transform)(source, source_mask,
-                                                             np.random.default_rng((self.seed, self.epoch, index)))
+                if self._clean_transform is None:
+                    self._clean_transform = without_occlusion(self.transform)
+                clean, _ = self._clean_transform(source, source_mask, np.random.default_rng((self.seed, self.epoch, index)))
         mask_tensor = torch.from_numpy(np.array(mask, dtype=np.float32))[None]
         image_tensor = to_tensor(image)
         clean_tensor = torch.empty(0)
