@@ -7,6 +7,8 @@ from PIL import Image
 
 # The workplace's real data (never part of the project); tests that need it skip without it.
 SHARED_DATA = Path(os.environ.get("OCCFACE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED_MODELS = Path(os.environ.get("OCCFACE_SHARED_MODELS", Path(__file__).resolve().parents[2] / "shared" / "models"))
+YUNET = SHARED_MODELS / "face_detection_yunet_2023mar.onnx"
 
 
 @pytest.fixture
@@ -14,6 +16,13 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "occluders").is_dir():
         pytest.skip(f"real face data not found at {SHARED_DATA} (set OCCFACE_SHARED_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def yunet_file() -> Path:
+    if not YUNET.is_file():
+        pytest.skip(f"YuNet face detector not found at {YUNET} (set OCCFACE_SHARED_MODELS)")
+    return YUNET
 
 
 def write_png(path: Path, array: np.ndarray) -> Path:

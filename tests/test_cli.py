@@ -146,6 +146,7 @@ def bad(workspace) -> dict[str, Path]:
     write_png(occ / "images" / "a.png", face)
     write_png(occ / "masks" / "a_mask.png", np.full((50, 112), 255, np.uint8))
     (occ / "manifest.csv").write_text("image,mask,identity\nimages/a.png,masks/a_mask.png,ann\n")
+    (root / "not_yunet.onnx").write_bytes(b"\x08\x07 not an onnx graph")
     (root / "typo.yaml").write_text("model:\n  arch: ir_18\n  widht: 0.5\n")
     paths.update({p.name: p for p in root.iterdir()})
     return paths
@@ -172,7 +173,16 @@ CASES = [
     ("corrupt image", lambda b, w: _match(b, w, "corrupt.png"), 2, ["corrupt.png", "unreadable or corrupt image"]),
     ("truncated image", lambda b, w: _match(b, w, "truncated.png"), 2, ["truncated.png", "unreadable or corrupt image"]),
     ("empty image", lambda b, w: _match(b, w, "empty.png"), 2, ["empty.png", "unreadable or corrupt image"]),
-    ("wrong size", lambda b, w: _match(b, w, "wrong_size.png"), 2, ["wrong_size.png", "got 80x100"]),
+    ("wrong size for an aligned face", lambda b, w: _match(b, w, "wrong_size.png") + ["--faces", "aligned"], 2,
+     ["wrong_size.png", "got 80x100"]),
+    ("photo with a missing detector", lambda b, w: _match(b, w, "wrong_size.png") + ["--detector", str(b["empty_folder"] / "yunet.onnx")],
+     2, ["yunet.onnx", "face detector not found"]),
+    ("photo with a wrong detector file", lambda b, w: _match(b, w, "wrong_size.png") + ["--detector", str(b["not_yunet.onnx"])],
+     2, ["not_yunet.onnx", "not the YuNet 2023mar face detector", "sha256"]),
+    ("align a missing folder", lambda b, w: ["align", str(b["empty_folder"] / "none"), str(w["root"] / "al")], 2,
+     ["none", "not a folder of photos"]),
+    ("align an empty folder", lambda b, w: ["align", str(b["empty_folder"]), str(w["root"] / "al")], 2,
+     ["empty_folder", "no image files"]),
     ("grayscale PNG", lambda b, w: _match(b, w, "gray.png"), 0, []),
     ("RGBA PNG", lambda b, w: _match(b, w, "rgba.png"), 0, []),
     ("16-bit grayscale PNG", lambda b, w: _match(b, w, "gray16.png"), 0, []),
@@ -263,3 +273,31 @@ def test_progress_in_a_log_is_a_line_now_and_then(workspace, tmp_path):
     progress = [line for line in text.splitlines() if line.startswith("train:")]
     assert "\r" not in text
     assert 1 <= len(progress) <= 3 and "6/6" in progress[-1], text
+
+
+# ---------------------------------------------------------------- photos in (the real detector)
+def test_match_and_eval_take_photos(workspace, yunet_file, shared_data, capsys):
+    import cv2
+
+    face = np.asarray(Image.open(sorted((shared_data / "faces112").glob("*/*.png"))[0]).convert("RGB"))
+    paste = np.array([[1.5, 0.0, 140.0], [0.0, 1.5, 60.0]])
+    scene = cv2.warpAffine(face, paste, (480, 360), borderValue=(150, 150, 150))
+    photos = workspace["root"] / "photos"
+    photo, aligned, wall = (write_png(photos / "ann" / "ann_0001.jpg", scene), write_png(photos / "ann" / "ann_0002.png", face),
+                            write_png(workspace["root"] / "wall.png", np.full((300, 300, 3), 90, np.uint8)))
+    detector = ["--detector", str(yunet_file)]
+    assert main(["match", str(photo), str(aligned), "--model", str(workspace["model"]), *detector,
+                 "--out", str(workspace["root"] / "photo_match.png")]) == 0
+    out = capsys.readouterr().out
+    assert f"{photo}: face detected (score" in out and f"{aligned}: taken as an aligned face" in out
+    assert main(["match", str(wall), str(aligned), "--model", str(workspace["model"]), *detector]) == 2
+    assert "occface match: error: " in (err := capsys.readouterr().err) and "wall.png: no face found" in err
+    write_png(photos / "bob" / "bob_0001.png", face[:, ::-1])
+    (workspace["root"] / "photo_pairs.txt").write_text("ann 1 2\nann 1 bob 1\n")
+    report = workspace["root"] / "photo_eval"
+    assert main(["eval", "--model", str(workspace["model"]), "--pairs", str(workspace["root"] / "photo_pairs.txt"),
+                 "--root", str(photos), *detector, "--out", str(report)]) == 0
+    assert "faces: 2 taken as aligned, 1 detected and aligned" in capsys.readouterr().out
+    assert "1 detected and aligned" in (report / "report.md").read_text()
+    assert main(["align", str(photos), str(workspace["root"] / "photos_aligned"), *detector]) == 0
+    assert "3 photos: 3 aligned (3 faces), 0 failed" in capsys.readouterr().out

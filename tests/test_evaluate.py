@@ -11,7 +11,7 @@ from occface.data import DataError, OcclusionDataset, ProceduralFaceDataset, Pro
 from occface.evaluate import (Features, OcclusionPairs, _bootstrap_auc, choose_fusion_weights, choose_strata_rule,
                               compare_sources, comparison_table, describe_fusion_weight, fuse, fusion_normalization, identification, pair_kind, parse_occlusion_specs,
                               predicted_occluded, strata_rule, threshold_at_far, verification_metrics)
-from occface.match import read_aligned_face
+from occface.align import FaceReader
 from occface.models.occface import ModelConfig, OccFaceModel
 
 
@@ -272,4 +272,4 @@ def test_match_command(tmp_path, tiny_model_dir, capsys):
 def test_match_rejects_unaligned_images(tmp_path):
     write_png(tmp_path / "big.png", np.zeros((250, 250, 3), np.uint8))
     with pytest.raises(DataError, match=r"big.png: expected a face aligned to the 112x112 ArcFace template.*got 250x250"):
-        read_aligned_face(tmp_path / "big.png", 112)
+        FaceReader(112, "aligned")(tmp_path / "big.png")

@@ -1,6 +1,5 @@
 """Starting from pretrained weights: MobileFaceNet, input conventions, load_pretrained, fine-tuning."""
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,8 @@ from occface.models import (ADAFACE_INPUT, IMAGENET_INPUT, Backbone, CheckpointE
 from occface.objective import class_mean_embeddings
 from occface.train import Trainer
 
-SHARED_MODELS = Path(os.environ.get("OCCFACE_SHARED_MODELS", Path(__file__).resolve().parents[2] / "shared" / "models"))
+from conftest import SHARED_MODELS
+
 MOBILEFACENET = SHARED_MODELS / "mobilefacenet_ms1m.pt"
 
 

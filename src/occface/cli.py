@@ -24,6 +24,12 @@ def _info(args: argparse.Namespace) -> int:
         params = sum(p.numel() for p in b4.parameters()) / 1e6
         maps = [f"{b.feature_channels}x{b.feature_size}x{b.feature_size}" for b in (b3, b4)]
         print(f"{arch:<14} {params:>10.2f}  {maps[0]:<12} {maps[1]:<12}")
+    from .align import find_detector
+
+    try:
+        print(f"face detector for photos: {find_detector()}")
+    except InputError as error:
+        print(f"face detector for photos: none ({error})")
     return 0
 
 
@@ -88,13 +94,17 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from .align import FaceReader
     from .evaluate import PAIR_TYPES, run_eval, summary_table
 
+    faces = FaceReader(mode=args.faces, detector=args.detector, min_face=args.min_face)
     result = run_eval(args.model, args.out, pairs_file=args.pairs, root=args.root, bin_file=args.bin,
                       folder=args.folder, occlude=args.occlude, occluders=args.occluders,
                       occluded_list=args.occluded_list, pairs_per_type=args.pairs_per_type,
                       identification_split=args.identification, fusion_weight=args.fusion_weight,
-                      batch_size=args.batch_size, seed=args.seed, device=args.device)
+                      batch_size=args.batch_size, seed=args.seed, device=args.device, faces=faces)
+    if faces.counts["detected"]:
+        print(f"faces: {faces.describe()}")
     sources = {k: v for k, v in result.items() if isinstance(v, dict) and set(v) <= set(PAIR_TYPES)}
     print(summary_table(sources))
     if "identification" in result:
@@ -104,13 +114,31 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _align(args: argparse.Namespace) -> int:
+    from .align_folder import align_folder
+
+    summary = align_folder(args.input, args.out, size=args.size, workers=args.workers, all_faces=args.all_faces,
+                           min_face=args.min_face, detector=args.detector)
+    print(f"{summary.photos} photos: {summary.aligned} aligned ({summary.faces} faces), {summary.failed} failed, "
+          f"{summary.skipped} done before ({summary.photos_per_second:.1f} photos/s); "
+          f"{Path(args.out) / 'landmarks.csv'}, {Path(args.out) / 'failures.csv'}")
+    return 0
+
+
 def _match(args: argparse.Namespace) -> int:
-    from .match import draw_match, match, read_aligned_face
+    from .align import FaceReader
+    from .match import draw_match, match
     from .models.occface import OccFaceModel
 
     model = OccFaceModel.from_pretrained(args.model)
-    size = model.config.input_size
-    first, second = read_aligned_face(args.first, size), read_aligned_face(args.second, size)
+    reader = FaceReader(model.config.input_size, args.faces, args.detector, args.min_face)
+    (first, first_alignment), (second, second_alignment) = reader.read(args.first), reader.read(args.second)
+    for path, alignment in ((args.first, first_alignment), (args.second, second_alignment)):
+        if alignment is None:
+            print(f"{path}: taken as an aligned face")
+        else:
+            eyes = alignment.detection.landmarks[:2].round().astype(int).tolist()
+            print(f"{path}: face detected (score {alignment.detection.score:.2f}, eyes at {eyes}) and aligned")
     result = match(model, first, second)
     for source, score in result["scores"].items():
         calibration = result["calibration"].get(source)
@@ -127,6 +155,16 @@ def _match(args: argparse.Namespace) -> int:
     out = args.out or Path(args.first).with_name(f"match_{Path(args.first).stem}_{Path(args.second).stem}.png")
     print(f"picture: {draw_match(first, second, result, out)}")
     return 0
+
+
+def _face_options(parser: argparse.ArgumentParser) -> None:
+    """How a command reads faces: aligned crops, or photos to detect and align."""
+    parser.add_argument("--faces", choices=("auto", "aligned", "detect"), default="auto",
+                        help="auto: an image of the model's input size is an aligned face, any other is a photo to "
+                             "detect and align; aligned / detect: force either")
+    parser.add_argument("--detector", default=None, help="YuNet 2023mar .onnx for photos (default: $OCCFACE_DETECTOR, "
+                                                         "then $OCCFACE_HOME or ~/.cache/occface)")
+    parser.add_argument("--min-face", type=int, default=0, help="ignore faces smaller than this (box side, px)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,14 +210,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--device", default="cpu")
+    _face_options(evaluate)
     evaluate.set_defaults(run=_eval)
 
-    matcher = command("match", help="score two aligned faces and draw their correspondences")
+    matcher = command("match", help="score two faces (aligned crops or photos) and draw their correspondences")
     matcher.add_argument("first")
     matcher.add_argument("second")
     matcher.add_argument("--model", required=True)
     matcher.add_argument("--out", default=None, help="picture path (default: beside the first image)")
+    _face_options(matcher)
     matcher.set_defaults(run=_match)
+
+    align = command("align", help="detect and align the faces of every photo under a folder (YuNet)")
+    align.add_argument("input", help="folder of photos (searched recursively)")
+    align.add_argument("out", help="output folder: the same tree of aligned faces, landmarks.csv, failures.csv")
+    align.add_argument("--size", type=int, default=112, help="side of the aligned faces (ArcFace template scaled)")
+    align.add_argument("--workers", type=int, default=1, help="processes")
+    align.add_argument("--all-faces", action="store_true", help="every face of a photo (STEM_K.png), not the largest")
+    align.add_argument("--min-face", type=int, default=0, help="leave out faces smaller than this (box side, px)")
+    align.add_argument("--detector", default=None, help="YuNet 2023mar .onnx (default: $OCCFACE_DETECTOR, "
+                                                        "then $OCCFACE_HOME or ~/.cache/occface)")
+    align.set_defaults(run=_align)
 
     train = command("train", help="multi-task training from a YAML config")
     train.add_argument("--config", required=True, help="YAML file (see configs/)")

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .align import FaceReader
 from .data.datasets import FaceDataset, FaceSample, RawSample
 from .data.errors import DataError
 from .data.images import resize_image, resize_mask
@@ -309,11 +310,15 @@ def verification_metrics(scores: np.ndarray, issame: np.ndarray, folds: np.ndarr
     if issame.all() or not issame.any():
         result.update(accuracy=None, auc=None, eer=None, note="needs both same and different pairs")
         return result
+    notes = []
     if folds is None:
-        splits = max(2, min(num_folds, int(issame.sum()), int((~issame).sum())))
+        splits = min(num_folds, int(issame.sum()), int((~issame).sum()))
         folds = np.zeros(len(scores), int)
-        for k, (_, test) in enumerate(StratifiedKFold(splits, shuffle=True, random_state=seed).split(scores, issame)):
-            folds[test] = k
+        if splits >= 2:
+            for k, (_, test) in enumerate(StratifiedKFold(splits, shuffle=True, random_state=seed).split(scores, issame)):
+                folds[test] = k
+        else:
+            notes.append("too few pairs for folds: accuracy at the threshold chosen on the same pairs")
     correct = 0
     for k in np.unique(folds):
         test = folds == k
@@ -323,7 +328,6 @@ def verification_metrics(scores: np.ndarray, issame: np.ndarray, folds: np.ndarr
     eer_index = int(np.nanargmin(np.abs((1 - tar) - far)))
     result.update(accuracy=float(correct / len(scores)), auc=float(roc_auc_score(issame, scores)),
                   eer=float((far[eer_index] + 1 - tar[eer_index]) / 2), threshold=_best_threshold(scores, issame))
-    notes = []
     for target in FARS:
         key = f"tar@far={target:.0e}".replace("e-0", "e-")
         if result["negatives"] * target < 1:
@@ -770,11 +774,12 @@ def run_eval(model_dir: str | Path, out_dir: str | Path, *, pairs_file: str | Pa
              occlude: list[str] | None = None, occluders: str | Path | None = None,
              occluded_list: str | Path | None = None, pairs_per_type: int = 600, identification_split: bool = False,
              fusion_weight: FusionWeight | None = None, batch_size: int = 64, seed: int = 0, device: str = "cpu",
-             progress: bool = True) -> dict:
+             progress: bool = True, faces: FaceReader | None = None) -> dict:
     """The ``occface eval`` command: verification (and optionally identification) with every
     score source, written to ``out_dir`` (metrics.json, report.md, roc.png, histograms.png,
     visibility_grid.png). ``fusion_weight`` None: the model's calibrated weights per visibility
-    stratum (:func:`choose_fusion_weights`), or the spec's 0.5 for a model without them."""
+    stratum (:func:`choose_fusion_weights`), or the spec's 0.5 for a model without them. ``faces``:
+    how the images of a pairs file are read (photos detected and aligned); default: all aligned."""
     from .data import OcclusionSynthesizer
     from .data.tools import open_dataset
     from .data.verification import ImageListDataset, read_bin, read_pairs_txt
@@ -821,16 +826,24 @@ def run_eval(model_dir: str | Path, out_dir: str | Path, *, pairs_file: str | Pa
             pair_set = read_pairs_txt(pairs_file, root)
         else:
             raise InputError("give --pairs with --root, --bin or --folder")
-        base = ImageListDataset(pair_set.images, **common)
+        images = pair_set.images
+        if faces is not None:
+            faces.size = model.config.input_size
+        if faces is not None and faces.needs_detection(images):
+            images = faces.read_all(images)
+            log.info("%s: %s", pairs_file or bin_file, faces.describe())
+        base = ImageListDataset(images, **common)
         pairs = OcclusionPairs.from_pairs(base, pair_set.pairs, pair_set.issame, pair_set.folds, sides, synthesizer,
                                           seed, pair_set.image_names, listed)
         source_name = str(bin_file or pairs_file)
     metrics, scores, features = evaluate_occlusion_pairs(model, pairs, batch_size, device, fusion_weight,
                                                          keep_masks=True, progress=progress)
     out_dir = Path(out_dir)
-    write_report(out_dir, metrics, scores, pairs, features, f"occface eval: {source_name}",
-                 {"model": str(model_dir), "occlusion": ", ".join(occlude or ["none"]), "pairs": len(pairs.issame),
-                  "fusion weight of the embedding": describe_fusion_weight(fusion_weight)})
+    header = {"model": str(model_dir), "occlusion": ", ".join(occlude or ["none"]), "pairs": len(pairs.issame),
+              "fusion weight of the embedding": describe_fusion_weight(fusion_weight)}
+    if faces is not None and faces.counts["detected"]:
+        header["faces"] = faces.describe()
+    write_report(out_dir, metrics, scores, pairs, features, f"occface eval: {source_name}", header)
     plot_histograms(scores, pairs.issame, out_dir / "histograms.png")
     result = json.loads((out_dir / "metrics.json").read_text())
     if identification_result is not None:

@@ -1,4 +1,4 @@
-"""``occface match A B --model DIR``: every score source for one pair of aligned faces, a decision
+"""``occface match A B --model DIR``: every score source for one pair of faces, a decision
 at the model's calibrated threshold, and a picture of the visible regions and correspondences."""
 from __future__ import annotations
 
@@ -7,18 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.errors import DataError
-from .data.images import read_image, to_tensor
+from .data.images import to_tensor
 from .evaluate import calibrated_fusion_weight, fuse, pair_kind, predicted_occluded
 from .models.occface import OccFaceModel
-
-
-def read_aligned_face(path: str | Path, size: int) -> np.ndarray:
-    image = read_image(path)
-    if image.shape[:2] != (size, size):
-        raise DataError(f"{path}: expected a face aligned to the {size}x{size} ArcFace template (5-point "
-                        f"similarity alignment, eyes near (38, 52) and (74, 52)); got {image.shape[1]}x{image.shape[0]}")
-    return image
 
 
 @torch.inference_mode()

@@ -11,7 +11,7 @@ from .datasets import FaceDataset, RawSample
 from .errors import DataError
 from .images import IMAGE_EXTENSIONS, read_image
 
-ImageSource = Path | bytes
+ImageSource = Path | bytes | np.ndarray
 
 
 @dataclass
@@ -106,7 +106,8 @@ def read_pairs_txt(path: str | Path, root: str | Path) -> PairSet:
 
 
 class ImageListDataset(FaceDataset):
-    """Plain images (paths or encoded bytes) with no labels, e.g. the unique images of a PairSet."""
+    """Plain images (paths, encoded bytes or decoded RGB uint8 arrays [H, W, 3]) with no labels, e.g.
+    the unique images of a PairSet."""
 
     def __init__(self, images: list[ImageSource], **kwargs) -> None:
         super().__init__(**kwargs)
@@ -116,4 +117,5 @@ class ImageListDataset(FaceDataset):
         self.occluded_flags = [False] * len(images)
 
     def read(self, index: int) -> RawSample:
-        return RawSample(read_image(self.images[index]), None, -1)
+        image = self.images[index]
+        return RawSample(image if isinstance(image, np.ndarray) else read_image(image), None, -1)
