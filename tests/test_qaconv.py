@@ -187,8 +187,11 @@ def test_score_all_memory_budget_bounds_the_block():
     torch.testing.assert_close(small, qaconv.score_all(probe, gallery), atol=1e-5, rtol=1e-5)
 
 
-def test_score_all_rejects_half_precision_on_cpu():
-    with pytest.raises(ValueError, match="float32"):
+def test_score_all_rejects_half_precision_on_cpu(monkeypatch):
+    with pytest.raises(ValueError, match="float16 matmuls are for GPUs"):
+        make_matcher().score_all(features(2), features(2), dtype=torch.float16)
+    monkeypatch.setattr("occface.precision.cpu_bf16_support", lambda: (False, "no avx512_bf16 or amx_bf16 CPU flag"))
+    with pytest.raises(ValueError, match="bf16 on this CPU would be emulated"):
         make_matcher().score_all(features(2), features(2), dtype=torch.bfloat16)
 
 

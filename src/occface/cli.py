@@ -16,8 +16,10 @@ def _info(args: argparse.Namespace) -> int:
     import torch
 
     from .models import ARCHITECTURES, build_backbone
+    from .precision import describe_precision
 
     print(f"occface {__version__}, torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+    print(f"precision on CPU: {describe_precision('auto')}")
     print(f"{'arch':<14} {'params (M)':>10}  {'block3 map':<12} {'block4 map':<12} (at 112x112)")
     for arch in ARCHITECTURES:
         b3, b4 = build_backbone(arch, "block3"), build_backbone(arch, "block4")
@@ -102,7 +104,8 @@ def _eval(args: argparse.Namespace) -> int:
                       folder=args.folder, occlude=args.occlude, occluders=args.occluders,
                       occluded_list=args.occluded_list, pairs_per_type=args.pairs_per_type,
                       identification_split=args.identification, fusion_weight=args.fusion_weight,
-                      batch_size=args.batch_size, seed=args.seed, device=args.device, faces=faces)
+                      batch_size=args.batch_size, seed=args.seed, device=args.device, faces=faces,
+                      precision=args.precision)
     if faces.counts["detected"]:
         print(f"faces: {faces.describe()}")
     sources = {k: v for k, v in result.items() if isinstance(v, dict) and set(v) <= set(PAIR_TYPES)}
@@ -139,7 +142,7 @@ def _match(args: argparse.Namespace) -> int:
         else:
             eyes = alignment.detection.landmarks[:2].round().astype(int).tolist()
             print(f"{path}: face detected (score {alignment.detection.score:.2f}, eyes at {eyes}) and aligned")
-    result = match(model, first, second)
+    result = match(model, first, second, precision=args.precision)
     for source, score in result["scores"].items():
         calibration = result["calibration"].get(source)
         verdict = ""
@@ -155,6 +158,11 @@ def _match(args: argparse.Namespace) -> int:
     out = args.out or Path(args.first).with_name(f"match_{Path(args.first).stem}_{Path(args.second).stem}.png")
     print(f"picture: {draw_match(first, second, result, out)}")
     return 0
+
+
+def _precision_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="auto: bf16 on GPUs and on CPUs with native bf16 (AVX-512 BF16, AMX), fp32 elsewhere")
 
 
 def _face_options(parser: argparse.ArgumentParser) -> None:
@@ -210,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--device", default="cpu")
+    _precision_option(evaluate)
     _face_options(evaluate)
     evaluate.set_defaults(run=_eval)
 
@@ -218,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     matcher.add_argument("second")
     matcher.add_argument("--model", required=True)
     matcher.add_argument("--out", default=None, help="picture path (default: beside the first image)")
+    _precision_option(matcher)
     _face_options(matcher)
     matcher.set_defaults(run=_match)
 

@@ -33,6 +33,7 @@ from .data.errors import DataError
 from .data.images import resize_image, resize_mask
 from .errors import InputError
 from .models.occface import OccFaceModel
+from .precision import compute_dtype, describe_precision
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,11 @@ class Features:
 
 @torch.inference_mode()
 def extract_features(model: OccFaceModel, dataset: Dataset, batch_size: int = 64, device: str | torch.device = "cpu",
-                     keep_masks: bool = False, progress: bool = False, precision: str = "fp32") -> Features:
+                     keep_masks: bool = False, progress: bool = False, precision: str = "auto") -> Features:
     """Run the model over a dataset of :class:`FaceSample`. Embeddings are fused with those of the
     mirrored images weighted by their norms (AdaFace's flip-and-norm fusion). ``precision``
     (:mod:`occface.precision`): the network may run in bf16; everything kept is fp32."""
-    from .precision import autocast
+    from .precision import autocast, check_cpu_bf16, network_precision
 
     model = model.to(device).eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
@@ -71,10 +72,14 @@ def extract_features(model: OccFaceModel, dataset: Dataset, batch_size: int = 64
 
         loader = progress_bar(loader, desc="features", unit="batch")
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("embedding", "feature_map", "occlusion", "occluded", "mask")}
+    chosen = None
     for batch in loader:
         batch: FaceSample
         images = batch.image.to(device)
-        with autocast(precision, device):
+        if chosen is None:
+            chosen = network_precision(model, images, precision, network_key(model), device)
+            check_cpu_bf16(compute_dtype(chosen, device), device, "extract_features")
+        with autocast(chosen, device):
             out = model(images)
             parts["embedding"].append(model.fused_embedding(images, out).cpu())
         parts["feature_map"].append(out.feature_map.float().cpu())
@@ -86,19 +91,37 @@ def extract_features(model: OccFaceModel, dataset: Dataset, batch_size: int = 64
                     torch.cat(parts["mask"]) if keep_masks else None)
 
 
+def network_key(model: OccFaceModel) -> tuple:
+    """What :func:`occface.precision.network_precision` measures once per process."""
+    config = model.config
+    return ("network", config.arch, config.width, config.feature_level)
+
+
+def matcher_dtype(qaconv, feature_map: torch.Tensor, precision: str) -> torch.dtype:
+    """The dtype of QAConv's correlations for ``precision`` on the CPU: "auto" times a block of
+    pair scores (up to 64 pairs of the given maps [N, C, H, W]) in fp32 and in bf16."""
+    probe = feature_map[:64]
+    key = ("qaconv", *probe.shape[1:])
+    return compute_dtype(precision, "cpu", key=key,
+                         fp32_run=lambda: qaconv.score_pairs(probe, probe.flip(0), dtype=torch.float32),
+                         bf16_run=lambda: qaconv.score_pairs(probe, probe.flip(0), dtype=torch.bfloat16))
+
+
 def pair_scores(model: OccFaceModel, features: Features, pairs: np.ndarray, fusion_weight: FusionWeight = 0.5,
-                normalization: dict | None = None) -> dict[str, np.ndarray]:
+                normalization: dict | None = None, precision: str = "auto") -> dict[str, np.ndarray]:
     """Scores of every source for pairs [N, 2] of feature indices. ``fused`` z-scores the
     embedding and weighted-QAConv scores per visibility stratum (:func:`pair_strata`, with the
     model's stored rule) with ``normalization`` (from :func:`fusion_normalization`) if given,
-    otherwise with their mean and std over these pairs."""
+    otherwise with their mean and std over these pairs. ``precision``: of QAConv's correlations
+    (:mod:`occface.precision`); scores are fp32."""
     left, right = torch.as_tensor(pairs[:, 0]), torch.as_tensor(pairs[:, 1])
     qaconv = cpu_matcher(model)
+    dtype = matcher_dtype(qaconv, features.feature_map, precision)
     scores = {
         "embedding": (features.embedding[left] * features.embedding[right]).sum(1).numpy(),
-        "qaconv": qaconv.score_pairs(features.feature_map[left], features.feature_map[right]).numpy(),
+        "qaconv": qaconv.score_pairs(features.feature_map[left], features.feature_map[right], dtype=dtype).numpy(),
         "qaconv_weighted": qaconv.score_pairs(features.feature_map[left], features.feature_map[right],
-                                              features.occlusion[left], features.occlusion[right]).numpy(),
+                                              features.occlusion[left], features.occlusion[right], dtype=dtype).numpy(),
     }
     rule = normalization or strata_rule(model)
     strata = pair_strata(features, pairs, rule)
@@ -625,11 +648,13 @@ class OcclusionPairs:
 
 def evaluate_occlusion_pairs(model: OccFaceModel, pairs: OcclusionPairs, batch_size: int = 64,
                              device: str | torch.device = "cpu", fusion_weight: FusionWeight = 0.5,
-                             keep_masks: bool = False, progress: bool = False) -> tuple[dict, dict[str, np.ndarray], Features]:
+                             keep_masks: bool = False, progress: bool = False,
+                             precision: str = "auto") -> tuple[dict, dict[str, np.ndarray], Features]:
     """Metrics of every source and pair type, the raw scores and the features. Pair types come
     from the faces' occluded flags."""
-    features = extract_features(model, pairs.dataset, batch_size, device, keep_masks=keep_masks, progress=progress)
-    scores = pair_scores(model, features, pairs.pairs, fusion_weight)
+    features = extract_features(model, pairs.dataset, batch_size, device, keep_masks=keep_masks, progress=progress,
+                                precision=precision)
+    scores = pair_scores(model, features, pairs.pairs, fusion_weight, precision=precision)
     pairs.types = pair_types(features.occluded.numpy(), pairs.pairs)
     return evaluate_pairs(scores, pairs.issame, pairs.types, pairs.folds), scores, features
 
@@ -710,16 +735,17 @@ def plot_histograms(scores: dict[str, np.ndarray], issame: np.ndarray, path: str
 
 def identification(model: OccFaceModel, gallery: Features, probe: Features, gallery_labels: np.ndarray,
                    probe_labels: np.ndarray, ranks: tuple[int, ...] = (1, 5), fusion_weight: FusionWeight = 0.5,
-                   progress: bool = False) -> dict:
+                   progress: bool = False, precision: str = "auto") -> dict:
     """Closed-set identification: for each probe, is its identity's gallery face among the top-k
     scores? ``{source: {"rank-1": .., "rank-5": .., "probes": n, "gallery": m}}``. QAConv scores come
     from the memory-bounded ``score_all``."""
     qaconv = cpu_matcher(model)
+    dtype = matcher_dtype(qaconv, gallery.feature_map, precision)
     matrices = {
         "embedding": (probe.embedding @ gallery.embedding.T).numpy(),
-        "qaconv": qaconv.score_all(probe.feature_map, gallery.feature_map, progress=progress).numpy(),
+        "qaconv": qaconv.score_all(probe.feature_map, gallery.feature_map, dtype=dtype, progress=progress).numpy(),
         "qaconv_weighted": qaconv.score_all(probe.feature_map, gallery.feature_map, probe.occlusion, gallery.occlusion,
-                                            progress=progress).numpy(),
+                                            dtype=dtype, progress=progress).numpy(),
     }
     rule = strata_rule(model)
     strata = pair_kind(predicted_occluded(probe.occlusion, rule)[:, None],
@@ -774,7 +800,7 @@ def run_eval(model_dir: str | Path, out_dir: str | Path, *, pairs_file: str | Pa
              occlude: list[str] | None = None, occluders: str | Path | None = None,
              occluded_list: str | Path | None = None, pairs_per_type: int = 600, identification_split: bool = False,
              fusion_weight: FusionWeight | None = None, batch_size: int = 64, seed: int = 0, device: str = "cpu",
-             progress: bool = True, faces: FaceReader | None = None) -> dict:
+             progress: bool = True, faces: FaceReader | None = None, precision: str = "auto") -> dict:
     """The ``occface eval`` command: verification (and optionally identification) with every
     score source, written to ``out_dir`` (metrics.json, report.md, roc.png, histograms.png,
     visibility_grid.png). ``fusion_weight`` None: the model's calibrated weights per visibility
@@ -814,9 +840,10 @@ def run_eval(model_dir: str | Path, out_dir: str | Path, *, pairs_file: str | Pa
             gallery = VariantDataset(base, [(i, probe_side == "both") for i in gallery_index], synthesizer, seed + 1, names, listed)
             probes = VariantDataset(base, [(i, probe_side != "none") for i in probe_index], synthesizer, seed + 2, names, listed)
             identification_result = identification(
-                model, extract_features(model, gallery, batch_size, device, progress=progress),
-                extract_features(model, probes, batch_size, device, progress=progress),
-                targets[gallery_index], targets[probe_index], fusion_weight=fusion_weight, progress=progress)
+                model, extract_features(model, gallery, batch_size, device, progress=progress, precision=precision),
+                extract_features(model, probes, batch_size, device, progress=progress, precision=precision),
+                targets[gallery_index], targets[probe_index], fusion_weight=fusion_weight, progress=progress,
+                precision=precision)
     else:
         if bin_file is not None:
             pair_set = read_bin(bin_file)
@@ -837,10 +864,11 @@ def run_eval(model_dir: str | Path, out_dir: str | Path, *, pairs_file: str | Pa
                                           seed, pair_set.image_names, listed)
         source_name = str(bin_file or pairs_file)
     metrics, scores, features = evaluate_occlusion_pairs(model, pairs, batch_size, device, fusion_weight,
-                                                         keep_masks=True, progress=progress)
+                                                         keep_masks=True, progress=progress, precision=precision)
     out_dir = Path(out_dir)
     header = {"model": str(model_dir), "occlusion": ", ".join(occlude or ["none"]), "pairs": len(pairs.issame),
-              "fusion weight of the embedding": describe_fusion_weight(fusion_weight)}
+              "fusion weight of the embedding": describe_fusion_weight(fusion_weight),
+              "precision": describe_precision(precision, device)}
     if faces is not None and faces.counts["detected"]:
         header["faces"] = faces.describe()
     write_report(out_dir, metrics, scores, pairs, features, f"occface eval: {source_name}", header)

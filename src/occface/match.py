@@ -8,22 +8,28 @@ import numpy as np
 import torch
 
 from .data.images import to_tensor
-from .evaluate import calibrated_fusion_weight, fuse, pair_kind, predicted_occluded
+from .evaluate import calibrated_fusion_weight, fuse, matcher_dtype, network_key, pair_kind, predicted_occluded
 from .models.occface import OccFaceModel
+from .precision import autocast, check_cpu_bf16, compute_dtype, network_precision
 
 
 @torch.inference_mode()
-def match(model: OccFaceModel, first: np.ndarray, second: np.ndarray, top: int = 12) -> dict:
-    """Scores, decisions and the strongest visible-to-visible correspondences of two aligned faces."""
+def match(model: OccFaceModel, first: np.ndarray, second: np.ndarray, top: int = 12, precision: str = "auto") -> dict:
+    """Scores, decisions and the strongest visible-to-visible correspondences of two aligned faces.
+    ``precision`` (:mod:`occface.precision`): of the network and QAConv's correlations."""
     model.eval()
     batch = torch.stack([to_tensor(first), to_tensor(second)])
-    out = model(batch)
-    embedding = model.fused_embedding(batch, out)
-    maps, occ = out.feature_map, out.occlusion
+    chosen = network_precision(model, batch, precision, network_key(model))
+    check_cpu_bf16(compute_dtype(chosen), "cpu", "match")
+    with autocast(chosen):
+        out = model(batch)
+        embedding = model.fused_embedding(batch, out)
+    maps, occ = out.feature_map.float(), out.occlusion.float()
+    dtype = matcher_dtype(model.qaconv, maps, precision)
     scores = {
         "embedding": float(embedding[0] @ embedding[1]),
-        "qaconv": float(model.qaconv.score_pairs(maps[:1], maps[1:])[0]),
-        "qaconv_weighted": float(model.qaconv.score_pairs(maps[:1], maps[1:], occ[:1], occ[1:])[0]),
+        "qaconv": float(model.qaconv.score_pairs(maps[:1], maps[1:], dtype=dtype)[0]),
+        "qaconv_weighted": float(model.qaconv.score_pairs(maps[:1], maps[1:], occ[:1], occ[1:], dtype=dtype)[0]),
     }
     calibration = model.config.calibration
     normalization = calibration.get("normalization", {})

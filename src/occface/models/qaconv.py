@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..precision import check_cpu_bf16
+
 GalleryChunk = Union[torch.Tensor, tuple[torch.Tensor, Union[torch.Tensor, None]]]
 
 # On CPU a correlation block of about 1M elements (4 MB in fp32) stays in cache while it is reduced,
@@ -267,16 +269,18 @@ class QAConv(nn.Module):
                 (``CPU_BLOCK_ELEMENTS``), as large as the budget allows on GPU.
             device: where to compute (default: the probe's device). Inputs may live elsewhere,
                 e.g. a CPU or fp16 gallery scored on a GPU; each chunk is moved when needed.
-            dtype: matmul dtype (default float32; float16/bfloat16 are for GPUs). Maxima and the
-                score head are always computed in float32.
+            dtype: matmul dtype (default float32). bfloat16 runs on GPUs and on CPUs with native
+                bf16 (:func:`occface.precision.compute_dtype` picks it), float16 on GPUs. The
+                normalisation, the maxima's affine head and the scores are float32 whatever it is.
             progress: show a progress bar over gallery chunks.
         Returns:
             [P, G] float32 logits on ``device``.
         """
         device = torch.device(device) if device is not None else probe.device
         dtype = dtype or torch.float32
-        if dtype != torch.float32 and device.type == "cpu":
-            raise ValueError(f"score_all: {dtype} matmuls are for GPUs; on CPU use float32 (it is much faster there)")
+        if dtype == torch.float16 and device.type == "cpu":
+            raise ValueError("score_all: float16 matmuls are for GPUs; on CPU use float32 or bfloat16")
+        check_cpu_bf16(dtype, device, "score_all")
         hw, channels = self.num_locations, self.num_features
         weight, visibility_weight, bias = (t.to(device) for t in self._eval_affine())
         gallery_weight, probe_weight = weight[:hw], weight[hw:]
@@ -339,9 +343,13 @@ class QAConv(nn.Module):
         gallery_occ: torch.Tensor | None = None,
         *,
         batch_size: int = 256,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """Scores of aligned pairs (probe[i] with gallery[i]), as ``score_all`` would give them:
-        [N, C, H, W] x 2 (+ maps [N, 1, H, W] or None) -> [N] float32 logits (running statistics)."""
+        [N, C, H, W] x 2 (+ maps [N, 1, H, W] or None) -> [N] float32 logits (running statistics).
+        ``dtype``: of the correlations, as in ``score_all``."""
+        dtype = dtype or torch.float32
+        check_cpu_bf16(dtype, probe.device, "score_pairs")
         if probe.shape[0] != gallery.shape[0]:
             raise ValueError(f"score_pairs needs as many probes as gallery faces, got {probe.shape[0]} and {gallery.shape[0]}")
         hw = self.num_locations
@@ -353,7 +361,7 @@ class QAConv(nn.Module):
             g_occ = None if gallery_occ is None else gallery_occ[start:end]
             a = self.prepare(probe[start:end], p_occ, "probe")
             b = self.prepare(gallery[start:end], g_occ, "gallery")
-            corr = torch.bmm(a, b.transpose(1, 2))  # [n, HW probe, HW gallery]
+            corr = torch.bmm(a.to(dtype), b.to(dtype).transpose(1, 2)).float()  # [n, HW probe, HW gallery]
             probe_term = self.visibility_term(probe[start:end], p_occ, visibility_weight[hw:], "probe")
             gallery_term = self.visibility_term(gallery[start:end], g_occ, visibility_weight[:hw], "gallery")
             out.append(corr.amax(dim=1) @ weight[:hw] + corr.amax(dim=2) @ weight[hw:] + probe_term + gallery_term + bias)
