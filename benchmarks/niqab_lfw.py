@@ -42,8 +42,10 @@ import numpy as np
 
 from occface.config import load_config
 from occface.demo import default_config_path
-from occface.evaluate import (Features, VariantDataset, calibrated_fusion_weight, compare_sources,
-                              comparison_table, evaluate_pairs, extract_features, pair_scores, run_eval, summary_table)
+from occface.scoring import calibrated_fusion_weight, extract_features, Features, pair_scores
+from occface.metrics import compare_sources, evaluate_pairs
+from occface.reports import comparison_table, summary_table
+from occface.evaluate import run_eval, VariantDataset
 from occface.train import Trainer
 
 NEEDED = ("cfp112", "faces112", "faces112_split.json", "lfw112", "lfw112_pairs.txt", "occluders")

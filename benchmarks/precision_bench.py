@@ -33,7 +33,7 @@ from occface.config import load_config
 from occface.demo import default_config_path
 from occface.models import ModelConfig, OccFaceModel
 from occface.objective import MultiTaskModule, build_model
-from occface.evaluate import matcher_dtype, network_key
+from occface.scoring import matcher_dtype, network_key
 from occface.precision import autocast, cpu_bf16_support, network_precision
 from occface.train import cpu_training_pays_bf16
 

@@ -8,9 +8,11 @@ from PIL import Image
 from conftest import write_png
 from occface.cli import main
 from occface.data import DataError, OcclusionDataset, ProceduralFaceDataset, ProceduralFaces
-from occface.evaluate import (Features, OcclusionPairs, _bootstrap_auc, choose_fusion_weights, choose_strata_rule,
-                              compare_sources, comparison_table, describe_fusion_weight, fuse, fusion_normalization, identification, pair_kind, parse_occlusion_specs,
-                              predicted_occluded, strata_rule, threshold_at_far, verification_metrics)
+from occface.scoring import (choose_fusion_weights, choose_strata_rule, describe_fusion_weight, Features, fuse,
+                             fusion_normalization, pair_kind, predicted_occluded, strata_rule)
+from occface.metrics import _bootstrap_auc, compare_sources, threshold_at_far, verification_metrics
+from occface.reports import comparison_table
+from occface.evaluate import identification, OcclusionPairs, parse_occlusion_specs
 from occface.align import FaceReader
 from occface.models.occface import ModelConfig, OccFaceModel
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import occface.precision as precision
-from occface.evaluate import extract_features
+from occface.scoring import extract_features
 from occface.models import ModelConfig, OccFaceModel
 from occface.models.qaconv import QAConv
 

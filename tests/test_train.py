@@ -7,8 +7,9 @@ import torch
 from occface.config import ConfigError, load_config
 from occface.demo import default_config_path, run_demo
 from occface.errors import InputError
-from occface.evaluate import (calibrated_fusion_weight, choose_strata_rule, evaluate_occlusion_pairs, fuse, strata_rule,
-                              threshold_at_far)
+from occface.scoring import calibrated_fusion_weight, choose_strata_rule, fuse, strata_rule
+from occface.metrics import threshold_at_far
+from occface.evaluate import evaluate_occlusion_pairs
 from occface.models.occface import OccFaceModel
 from occface.objective import MultiTaskModule
 from occface.train import Trainer, TrainingError, atomic_save, calibrate

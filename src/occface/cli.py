@@ -97,7 +97,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from .align import FaceReader
-    from .evaluate import PAIR_TYPES, run_eval, summary_table
+    from .evaluate import run_eval
+    from .metrics import PAIR_TYPES
+    from .reports import summary_table
 
     faces = FaceReader(mode=args.faces, detector=args.detector, min_face=args.min_face)
     result = run_eval(args.model, args.out, pairs_file=args.pairs, root=args.root, bin_file=args.bin,

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from .data.images import to_tensor
-from .evaluate import calibrated_fusion_weight, fuse, matcher_dtype, network_key, pair_kind, predicted_occluded
 from .models.occface import OccFaceModel
 from .precision import autocast, check_cpu_bf16, compute_dtype, network_precision
+from .scoring import calibrated_fusion_weight, fuse, matcher_dtype, network_key, pair_kind, predicted_occluded
 
 
 @torch.inference_mode()

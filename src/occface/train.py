@@ -31,11 +31,13 @@ from .data import (ConcatFaceDataset, FaceDataset, IdentityBalancedSampler, Imag
                    adaface_augmentation)
 from .data.transforms import Compose
 from .errors import InputError
-from .evaluate import (OcclusionPairs, network_key, choose_fusion_weights, choose_strata_rule, describe_fusion_weight,
-                       evaluate_occlusion_pairs, evaluate_pairs, fuse, fusion_normalization, pair_strata,
-                       threshold_at_far, visibility_grid)
+from .evaluate import OcclusionPairs, evaluate_occlusion_pairs
 from .losses import LossWeights
+from .metrics import evaluate_pairs, threshold_at_far
 from .objective import MultiTaskModule, build_model, class_mean_embeddings
+from .reports import visibility_grid
+from .scoring import (choose_fusion_weights, choose_strata_rule, describe_fusion_weight, fuse, fusion_normalization,
+                      network_key, pair_strata)
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,318 @@
+"""One scoring path, shared by evaluation, matching and training's validation: features -> QAConv
+scores -> fusion.
+
+Score sources: ``embedding`` (cosine of flip-and-norm fused embeddings, as AdaFace evaluates),
+``qaconv`` (QAConv without visibility maps), ``qaconv_weighted`` (with the predicted maps) and
+``fused`` (``w`` * z-scored embedding + (1 - ``w``) * z-scored weighted QAConv; z-scores use the
+mean and std of each source over the scored pairs of the same visibility stratum: clean-clean,
+occluded-clean or occluded-occluded as the model's predicted maps say). ``w`` is one number (the
+spec's 0.5) or one per stratum, as :func:`choose_fusion_weights` picks them on validation pairs
+when a model is trained; a model stores its weights with its calibration.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .data.datasets import FaceSample
+from .models.occface import OccFaceModel
+from .precision import compute_dtype
+
+SOURCES = ("embedding", "qaconv", "qaconv_weighted", "fused")
+
+
+PAIR_KINDS = ("occluded-occluded", "occluded-clean", "clean-clean")
+
+
+# The embedding's share in the fused score: one number, or {stratum or "all": share}.
+FusionWeight = Union[float, dict]
+
+
+@dataclass
+class Features:
+    """Per image: embedding [N, 512] (flip-fused, unit norm), feature_map [N, C, H, W],
+    occlusion [N, 1, H, W] (predicted visibility), occluded [N] bool, mask [N, 1, S, S] or None."""
+
+    embedding: torch.Tensor
+    feature_map: torch.Tensor
+    occlusion: torch.Tensor
+    occluded: torch.Tensor
+    mask: torch.Tensor | None = None
+
+
+@torch.inference_mode()
+def extract_features(model: OccFaceModel, dataset: Dataset, batch_size: int = 64, device: str | torch.device = "cpu",
+                     keep_masks: bool = False, progress: bool = False, precision: str = "auto") -> Features:
+    """Run the model over a dataset of :class:`FaceSample`. Embeddings are fused with those of the
+    mirrored images weighted by their norms (AdaFace's flip-and-norm fusion). ``precision``
+    (:mod:`occface.precision`): the network may run in bf16; everything kept is fp32."""
+    from .precision import autocast, check_cpu_bf16, network_precision
+
+    model = model.to(device).eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    if progress:
+        from .progress import progress_bar
+
+        loader = progress_bar(loader, desc="features", unit="batch")
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("embedding", "feature_map", "occlusion", "occluded", "mask")}
+    chosen = None
+    for batch in loader:
+        batch: FaceSample
+        images = batch.image.to(device)
+        if chosen is None:
+            chosen = network_precision(model, images, precision, network_key(model), device)
+            check_cpu_bf16(compute_dtype(chosen, device), device, "extract_features")
+        with autocast(chosen, device):
+            out = model(images)
+            parts["embedding"].append(model.fused_embedding(images, out).cpu())
+        parts["feature_map"].append(out.feature_map.float().cpu())
+        parts["occlusion"].append(out.occlusion.float().cpu())
+        parts["occluded"].append(batch.occluded)
+        if keep_masks:
+            parts["mask"].append(batch.mask)
+    return Features(*(torch.cat(parts[k]) for k in ("embedding", "feature_map", "occlusion", "occluded")),
+                    torch.cat(parts["mask"]) if keep_masks else None)
+
+
+def network_key(model: OccFaceModel) -> tuple:
+    """What :func:`occface.precision.network_precision` measures once per process."""
+    config = model.config
+    return ("network", config.arch, config.width, config.feature_level)
+
+
+def matcher_dtype(qaconv, feature_map: torch.Tensor, precision: str) -> torch.dtype:
+    """The dtype of QAConv's correlations for ``precision`` on the CPU: "auto" times a block of
+    pair scores (up to 64 pairs of the given maps [N, C, H, W]) in fp32 and in bf16."""
+    probe = feature_map[:64]
+    key = ("qaconv", *probe.shape[1:])
+    return compute_dtype(precision, "cpu", key=key,
+                         fp32_run=lambda: qaconv.score_pairs(probe, probe.flip(0), dtype=torch.float32),
+                         bf16_run=lambda: qaconv.score_pairs(probe, probe.flip(0), dtype=torch.bfloat16))
+
+
+def pair_scores(model: OccFaceModel, features: Features, pairs: np.ndarray, fusion_weight: FusionWeight = 0.5,
+                normalization: dict | None = None, precision: str = "auto") -> dict[str, np.ndarray]:
+    """Scores of every source for pairs [N, 2] of feature indices. ``fused`` z-scores the
+    embedding and weighted-QAConv scores per visibility stratum (:func:`pair_strata`, with the
+    model's stored rule) with ``normalization`` (from :func:`fusion_normalization`) if given,
+    otherwise with their mean and std over these pairs. ``precision``: of QAConv's correlations
+    (:mod:`occface.precision`); scores are fp32."""
+    left, right = torch.as_tensor(pairs[:, 0]), torch.as_tensor(pairs[:, 1])
+    qaconv = cpu_matcher(model)
+    dtype = matcher_dtype(qaconv, features.feature_map, precision)
+    scores = {
+        "embedding": (features.embedding[left] * features.embedding[right]).sum(1).numpy(),
+        "qaconv": qaconv.score_pairs(features.feature_map[left], features.feature_map[right], dtype=dtype).numpy(),
+        "qaconv_weighted": qaconv.score_pairs(features.feature_map[left], features.feature_map[right],
+                                              features.occlusion[left], features.occlusion[right], dtype=dtype).numpy(),
+    }
+    rule = normalization or strata_rule(model)
+    strata = pair_strata(features, pairs, rule)
+    stats = normalization or fusion_normalization(scores, strata, rule)
+    scores["fused"] = fuse(scores["embedding"], scores["qaconv_weighted"], stats, fusion_weight, strata)
+    return scores
+
+
+def cpu_matcher(model: OccFaceModel):
+    """An eval-mode CPU copy of the model's QAConv (features are kept on the CPU), leaving the
+    model itself where and as it is (e.g. on a GPU, in training mode)."""
+    return copy.deepcopy(model.qaconv).cpu().eval()
+
+
+# A face counts as occluded for score normalisation when at least HIDDEN_SHARE of its visibility map
+# is below HIDDEN_BELOW: a region confidently hidden, not a map that is unsure everywhere. On LFW with
+# a niqab (benchmark models) this matches the synthesised occlusion on 99.9-100% of the pairs; a rule
+# on the mean visibility (below 0.6) put 53 of the 7,701 clean faces among the occluded ones. A
+# medical mask hides far less of the map than a niqab, and most masked faces fall below this share;
+# with ``train.calibrate_strata`` a model stores a share chosen on its validation faces instead
+# (:func:`choose_strata_rule`).
+HIDDEN_BELOW = 0.2
+
+
+HIDDEN_SHARE = 0.25
+
+
+def predicted_occluded(occlusion: torch.Tensor, rule: dict | None = None) -> np.ndarray:
+    """Visibility maps [N, 1, H, W] -> [N] bool: the model sees at least ``hidden_share`` of the
+    face as hidden (visibility below ``hidden_below``); ``rule`` may override both (e.g. the
+    normalisation stored with a model), the module's constants are the defaults."""
+    rule = rule or {}
+    below, share = rule.get("hidden_below", HIDDEN_BELOW), rule.get("hidden_share", HIDDEN_SHARE)
+    return ((occlusion.flatten(1) < below).float().mean(1) >= share).numpy()
+
+
+def choose_strata_rule(occlusion: torch.Tensor, occluded: np.ndarray, hidden_below: float = HIDDEN_BELOW) -> dict:
+    """The rule of :func:`predicted_occluded` that best tells occluded faces from clean ones on
+    labelled faces (validation faces with synthesised occluders): maps [N, 1, H, W] and the faces'
+    true flags [N] -> ``{"hidden_below", "hidden_share"}``, the share threshold with the best
+    balanced accuracy (the higher threshold on ties). Without both kinds of face: the defaults."""
+    occluded = np.asarray(occluded, bool)
+    if occluded.all() or not occluded.any():
+        return {"hidden_below": hidden_below, "hidden_share": HIDDEN_SHARE}
+    share = (occlusion.flatten(1) < hidden_below).float().mean(1).numpy().astype(np.float64)
+    values = np.unique(share)
+    candidates = np.concatenate([(values[:-1] + values[1:]) / 2, [values[-1] + 1e-6]])
+    flagged = share[None, :] >= candidates[:, None]  # [candidates, N]
+    balanced = (flagged[:, occluded].mean(1) + (~flagged[:, ~occluded]).mean(1)) / 2
+    best = np.flatnonzero(balanced >= balanced.max() - 1e-12)[-1]
+    return {"hidden_below": hidden_below, "hidden_share": float(round(candidates[best], 4))}
+
+
+def strata_rule(model: OccFaceModel) -> dict | None:
+    """The strata rule stored with a model's fusion normalisation (None: the defaults)."""
+    normalization = model.config.calibration.get("normalization") or {}
+    return {k: normalization[k] for k in ("hidden_below", "hidden_share") if k in normalization} or None
+
+
+def pair_kind(first_occluded: np.ndarray, second_occluded: np.ndarray) -> np.ndarray:
+    """Per pair (any shape), from each face's occluded flag: "clean-clean", "occluded-clean" or
+    "occluded-occluded"."""
+    count = np.asarray(first_occluded, int) + np.asarray(second_occluded, int)
+    return np.array(PAIR_KINDS[::-1])[count]
+
+
+def pair_types(occluded: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Pair type of each pair [N, 2] from the per-image occluded flags [num_images]."""
+    return pair_kind(occluded[pairs[:, 0]], occluded[pairs[:, 1]])
+
+
+def pair_strata(features: Features, pairs: np.ndarray, rule: dict | None = None) -> np.ndarray:
+    """[N] pair type the model predicts for pairs [N, 2] of feature indices, from its maps
+    (``rule``: see :func:`predicted_occluded`)."""
+    return pair_types(predicted_occluded(features.occlusion, rule), pairs)
+
+
+def fusion_normalization(scores: dict[str, np.ndarray], strata: np.ndarray | None = None,
+                         rule: dict | None = None) -> dict:
+    """Mean and std of the two fused sources over a score set, per visibility stratum and over
+    all pairs, with the rule that gave the strata (``rule``; None: the defaults):
+    ``{"hidden_below": b, "hidden_share": s, source: {stratum or "all": [mean, std]}}``.
+
+    An occluder shifts a global descriptor's scores for all pairs alike (two faces in the same
+    niqab look alike whoever wears it), so one normalisation for every pair type would put
+    occluded pairs on another scale than clean ones; each stratum gets its own."""
+    rule = rule or {}
+    result: dict = {"hidden_below": rule.get("hidden_below", HIDDEN_BELOW),
+                    "hidden_share": rule.get("hidden_share", HIDDEN_SHARE)}
+    for source in ("embedding", "qaconv_weighted"):
+        values = np.asarray(scores[source], np.float64)
+        result[source] = {"all": [float(values.mean()), float(values.std() + 1e-12)]}
+        if strata is not None:
+            for stratum in PAIR_KINDS:
+                chosen = values[strata == stratum]
+                if len(chosen) >= 2:
+                    result[source][stratum] = [float(chosen.mean()), float(chosen.std() + 1e-12)]
+    return result
+
+
+def per_stratum(values: dict, shape: tuple, strata: np.ndarray | None) -> np.ndarray:
+    """Broadcast ``{stratum or "all": value}`` to an array of ``shape``: each pair gets its
+    stratum's value, or the ``"all"`` value where ``strata`` is None or names a missing stratum."""
+    out = np.full(shape, values["all"], dtype=np.float64)
+    if strata is not None:
+        for stratum, value in values.items():
+            out[strata == stratum] = value
+    return out
+
+
+def fuse(embedding: np.ndarray, qaconv_weighted: np.ndarray, normalization: dict, weight: FusionWeight = 0.5,
+         strata: np.ndarray | None = None) -> np.ndarray:
+    """w * z(embedding) + (1 - w) * z(weighted QAConv), z-scored with the statistics of each
+    pair's visibility stratum (``strata``, same shape as the scores; statistics over all pairs
+    where it is None or the stratum has none). ``weight``: one number, or ``{stratum or "all": w}``
+    (:func:`choose_fusion_weights`). Older models store one [mean, std] per source. The result has
+    the broadcast shape of the scores and ``strata`` (one pair's scalars with a [1] stratum: [1])."""
+    shape = np.broadcast_shapes(np.shape(embedding), np.shape(qaconv_weighted), np.shape(strata) if strata is not None else ())
+    w = per_stratum(weight if isinstance(weight, dict) else {"all": weight}, shape, strata)
+    fused = np.zeros(shape, np.float64)
+    for source, values, share in (("embedding", embedding, w), ("qaconv_weighted", qaconv_weighted, 1 - w)):
+        stats = normalization[source]
+        stats = stats if isinstance(stats, dict) else {"all": stats}
+        mean = per_stratum({k: v[0] for k, v in stats.items()}, shape, strata)
+        std = per_stratum({k: v[1] for k, v in stats.items()}, shape, strata)
+        fused += share * (np.asarray(values, np.float64) - mean) / std
+    return fused
+
+
+def calibrated_fusion_weight(model: OccFaceModel) -> FusionWeight:
+    """The fusion weight stored with a model (per stratum, chosen on its validation pairs), or the
+    spec's 0.5 for a model without one."""
+    return model.config.calibration.get("fusion_weight", 0.5)
+
+
+def describe_fusion_weight(weight: FusionWeight) -> str:
+    """A fusion weight in words, e.g. ``0.5`` or ``occluded-occluded 0.3, occluded-clean 0.29,
+    clean-clean 0.51, otherwise 0.24``."""
+    if not isinstance(weight, dict):
+        return f"{weight:g}"
+    parts = [f"{k} {weight[k]:g}" for k in PAIR_KINDS if k in weight]
+    return ", ".join(parts + [f"otherwise {weight['all']:g}"])
+
+
+def separation(scores: np.ndarray, issame: np.ndarray) -> float:
+    """d' of a score source on labelled pairs, from its ROC AUC under the equal-variance binormal
+    model (AUC = Phi(d' / sqrt(2))); 0 for a source no better than chance."""
+    from statistics import NormalDist
+
+    from sklearn.metrics import roc_auc_score
+
+    auc = min(float(roc_auc_score(issame, scores)), 0.999)
+    return max(0.0, 2**0.5 * NormalDist().inv_cdf(auc))
+
+
+def choose_fusion_weights(scores: dict[str, np.ndarray], issame: np.ndarray, strata: np.ndarray,
+                          min_pairs: int = 20) -> dict:
+    """The embedding's fusion weight per visibility stratum from labelled (validation) pairs:
+    ``d'_emb / (d'_emb + d'_qaconv_weighted)`` (:func:`separation`): for two independent sources
+    of equal within-class spread, the weighting whose sum separates the classes best. ``"all"``
+    (for strata without enough pairs) comes from all pairs. A stratum needs ``min_pairs`` same and
+    ``min_pairs`` different pairs; neither source better than chance gives the spec's 0.5.
+    -> ``{"all": w, stratum: w, ...}``, rounded to 0.01.
+
+    An occluder can leave the embedding near chance while weighted QAConv still separates
+    identities (LFW with a niqab: 59% against 68%), so the spec's 0.5 for every pair type lets
+    the weaker source drag the fusion below its better part. d' is estimated from the AUC, which
+    is steadier on a few hundred pairs than picking the weight whose fused AUC is highest."""
+    issame = np.asarray(issame, bool)
+
+    def weight(chosen: np.ndarray) -> float | None:
+        same = issame[chosen]
+        if same.sum() < min_pairs or (~same).sum() < min_pairs:
+            return None
+        d_emb = separation(scores["embedding"][chosen], same)
+        d_qa = separation(scores["qaconv_weighted"][chosen], same)
+        return 0.5 if d_emb + d_qa == 0 else round(d_emb / (d_emb + d_qa), 2)
+
+    overall = weight(np.ones(len(issame), bool))
+    weights = {"all": 0.5 if overall is None else overall}
+    for stratum in PAIR_KINDS:
+        chosen = weight(strata == stratum)
+        if chosen is not None:
+            weights[stratum] = chosen
+    return weights
+
+
+def score_matrix(model: OccFaceModel, probe: Features, gallery: Features, fusion_weight: FusionWeight = 0.5,
+                 precision: str = "auto", progress: bool = False) -> dict[str, np.ndarray]:
+    """Every source's scores of each probe against each gallery face -> {source: [P, G]}. QAConv
+    scores come from the memory-bounded ``score_all``; ``fused`` normalises per visibility stratum
+    over these scores (the model's stored rule decides the strata)."""
+    qaconv = cpu_matcher(model)
+    dtype = matcher_dtype(qaconv, gallery.feature_map, precision)
+    matrices = {
+        "embedding": (probe.embedding @ gallery.embedding.T).numpy(),
+        "qaconv": qaconv.score_all(probe.feature_map, gallery.feature_map, dtype=dtype, progress=progress).numpy(),
+        "qaconv_weighted": qaconv.score_all(probe.feature_map, gallery.feature_map, probe.occlusion, gallery.occlusion,
+                                            dtype=dtype, progress=progress).numpy(),
+    }
+    rule = strata_rule(model)
+    strata = pair_kind(predicted_occluded(probe.occlusion, rule)[:, None],
+                       predicted_occluded(gallery.occlusion, rule)[None, :])
+    matrices["fused"] = fuse(matrices["embedding"], matrices["qaconv_weighted"],
+                             fusion_normalization(matrices, strata, rule), fusion_weight, strata)
+    return matrices
