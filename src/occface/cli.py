@@ -162,13 +162,72 @@ def _match(args: argparse.Namespace) -> int:
     return 0
 
 
-def _precision_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="auto: bf16 on GPUs and on CPUs with native bf16 (AVX-512 BF16, AMX), fp32 elsewhere")
+def _enroll(args: argparse.Namespace) -> int:
+    from .align import FaceReader
+    from .gallery import Gallery, enrollment_items
+    from .models.occface import OccFaceModel
+
+    items = enrollment_items(args.inputs, args.identity)
+    if (Path(args.gallery) / "manifest.json").is_file():
+        gallery = Gallery.open(args.gallery, model_dir=args.model)
+    else:
+        gallery = Gallery.create(args.gallery, OccFaceModel.from_pretrained(args.model), args.model)
+    reader = FaceReader(gallery.model.config.input_size, args.faces, args.detector, args.min_face)
+    summary = gallery.enroll(items, reader, precision=args.precision, progress=True)
+    for problem in summary.failed:
+        print(f"skipped: {problem}", file=sys.stderr)
+    print(f"enrolled {summary.added} faces ({summary.duplicates} already in the gallery, {len(summary.failed)} without "
+          f"a usable face) in {summary.seconds:.1f} s; {args.gallery}: {len(gallery)} faces of "
+          f"{len(gallery.identities())} identities; faces: {reader.describe()}")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from .align import FaceReader
+    from .gallery import Gallery
+
+    gallery = Gallery.open(args.gallery, model_dir=args.model)
+    reader = FaceReader(gallery.model.config.input_size, args.faces, args.detector, args.min_face)
+    results = gallery.search(args.queries, top=args.top, shortlist=args.shortlist, reader=reader,
+                             precision=args.precision)
+    if args.json:
+        print(json.dumps([asdict(r) for r in results], indent=2))
+        return 0
+    for result in results:
+        threshold = "" if result.threshold is None else f", threshold {result.threshold:.3f}"
+        print(f"{result.query}: {result.decision} (ranked by {result.ranked_by}{threshold})")
+        for rank, candidate in enumerate(result.candidates, 1):
+            scores = "  ".join(f"{k} {v:.3f}" for k, v in candidate.scores.items())
+            print(f"  {rank:>2}. {candidate.identity:<24} {scores}  ({candidate.source})")
+    return 0
+
+
+def _gallery(args: argparse.Namespace) -> int:
+    import json
+
+    from .gallery import Gallery
+
+    gallery = Gallery.open(args.gallery, load_model=False)
+    if args.action == "list":
+        for identity, count in gallery.identities().items():
+            print(f"{identity}\t{count}")
+    elif args.action == "stats":
+        print(json.dumps(gallery.stats(), indent=2))
+    else:
+        if not args.identity:
+            raise InputError("occface gallery remove needs the IDENTITY to remove")
+        removed = gallery.remove(args.identity)
+        print(f"removed {removed} faces of {args.identity}; {len(gallery)} faces left")
+    return 0
 
 
 def _face_options(parser: argparse.ArgumentParser) -> None:
-    """How a command reads faces: aligned crops, or photos to detect and align."""
+    """How a command reads faces (aligned crops, or photos to detect and align) and runs the model."""
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="auto: bf16 on GPUs, and on CPUs with native bf16 where it measures faster; else fp32")
     parser.add_argument("--faces", choices=("auto", "aligned", "detect"), default="auto",
                         help="auto: an image of the model's input size is an aligned face, any other is a photo to "
                              "detect and align; aligned / detect: force either")
@@ -220,7 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--device", default="cpu")
-    _precision_option(evaluate)
     _face_options(evaluate)
     evaluate.set_defaults(run=_eval)
 
@@ -229,9 +287,32 @@ def build_parser() -> argparse.ArgumentParser:
     matcher.add_argument("second")
     matcher.add_argument("--model", required=True)
     matcher.add_argument("--out", default=None, help="picture path (default: beside the first image)")
-    _precision_option(matcher)
     _face_options(matcher)
     matcher.set_defaults(run=_match)
+
+    enroll = command("enroll", help="add faces (aligned crops or photos) to a gallery on disk")
+    enroll.add_argument("inputs", nargs="+", help="folders of identity folders, CSVs (path,identity) or images")
+    enroll.add_argument("--model", required=True)
+    enroll.add_argument("--gallery", required=True, help="gallery folder (made on first use)")
+    enroll.add_argument("--identity", default=None, help="identity of single images given as inputs")
+    _face_options(enroll)
+    enroll.set_defaults(run=_enroll)
+
+    search = command("search", help="1:N search of a gallery: FAISS shortlist, occlusion-weighted QAConv re-rank")
+    search.add_argument("queries", nargs="+", help="images (aligned faces or photos)")
+    search.add_argument("--model", required=True, help="the model the gallery was built with")
+    search.add_argument("--gallery", required=True)
+    search.add_argument("--top", type=int, default=10, help="identities to list")
+    search.add_argument("--shortlist", type=int, default=100, help="faces the embedding shortlists for re-ranking")
+    search.add_argument("--json", action="store_true", help="print the results as JSON")
+    _face_options(search)
+    search.set_defaults(run=_search)
+
+    galleries = command("gallery", help="list, summarise or edit a gallery")
+    galleries.add_argument("action", choices=("list", "stats", "remove"))
+    galleries.add_argument("identity", nargs="?", help="for remove: the identity")
+    galleries.add_argument("--gallery", required=True)
+    galleries.set_defaults(run=_gallery)
 
     align = command("align", help="detect and align the faces of every photo under a folder (YuNet)")
     align.add_argument("input", help="folder of photos (searched recursively)")

@@ -10,7 +10,7 @@ import torch
 from .data.images import to_tensor
 from .models.occface import OccFaceModel
 from .precision import autocast, check_cpu_bf16, compute_dtype, network_precision
-from .scoring import calibrated_fusion_weight, fuse, matcher_dtype, network_key, pair_kind, predicted_occluded
+from .scoring import calibrated_fused, matcher_dtype, network_key, pair_kind, predicted_occluded
 
 
 @torch.inference_mode()
@@ -32,12 +32,11 @@ def match(model: OccFaceModel, first: np.ndarray, second: np.ndarray, top: int =
         "qaconv_weighted": float(model.qaconv.score_pairs(maps[:1], maps[1:], occ[:1], occ[1:], dtype=dtype)[0]),
     }
     calibration = model.config.calibration
-    normalization = calibration.get("normalization", {})
-    hidden = predicted_occluded(occ, normalization)
+    hidden = predicted_occluded(occ, calibration.get("normalization", {}))
     pair_type = pair_kind(hidden[:1], hidden[1:])
-    if normalization:
-        scores["fused"] = float(fuse(scores["embedding"], scores["qaconv_weighted"], normalization,
-                                     calibrated_fusion_weight(model), pair_type)[0])
+    fused = calibrated_fused(model, scores["embedding"], scores["qaconv_weighted"], occ[:1], occ[1:])
+    if fused is not None:
+        scores["fused"] = float(fused[0])
     decisions = {source: scores[source] >= calibration[source]["threshold"]
                  for source in scores if isinstance(calibration.get(source), dict)}
     # Strongest weighted location pairs: correlation x O_first[i] x O_second[j].

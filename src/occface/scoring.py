@@ -245,6 +245,19 @@ def calibrated_fusion_weight(model: OccFaceModel) -> FusionWeight:
     return model.config.calibration.get("fusion_weight", 0.5)
 
 
+def calibrated_fused(model: OccFaceModel, embedding: np.ndarray, qaconv_weighted: np.ndarray,
+                     first_occlusion: torch.Tensor, second_occlusion: torch.Tensor) -> np.ndarray | None:
+    """The fused score with the normalisation, strata rule and weights stored with the model (from
+    its validation pairs), for scores of faces with visibility maps [N1, 1, H, W] and [N2, 1, H, W]
+    (the scores' shape broadcasts with [N1] against [N2]); None for a model stored without them."""
+    normalization = model.config.calibration.get("normalization", {})
+    if not normalization:
+        return None
+    strata = pair_kind(predicted_occluded(first_occlusion, normalization),
+                       predicted_occluded(second_occlusion, normalization))
+    return fuse(embedding, qaconv_weighted, normalization, calibrated_fusion_weight(model), strata)
+
+
 def describe_fusion_weight(weight: FusionWeight) -> str:
     """A fusion weight in words, e.g. ``0.5`` or ``occluded-occluded 0.3, occluded-clean 0.29,
     clean-clean 0.51, otherwise 0.24``."""
