@@ -24,6 +24,7 @@ import csv
 import hashlib
 import json
 import math
+import mmap
 import os
 import shutil
 import time
@@ -60,6 +61,16 @@ def model_fingerprint(model: OccFaceModel, model_dir: str | Path) -> dict:
     config = model.config
     return {"path": str(model_dir.resolve()), "arch": config.arch, "feature_level": config.feature_level,
             "weights_sha256": file_sha256(model_dir / WEIGHTS_FILE)}
+
+
+def _memory_map(path: Path) -> np.ndarray:
+    """A read-only memory map of an .npy file, read at random: a search touches a hundred rows
+    scattered over the file, and the kernel's read-ahead would map megabytes around each."""
+    array = np.load(path, mmap_mode="r")
+    handle = getattr(array, "_mmap", None)
+    if handle is not None and hasattr(mmap, "MADV_RANDOM"):
+        handle.madvise(mmap.MADV_RANDOM)
+    return array
 
 
 def _write_json_atomically(data: dict, path: Path) -> None:
@@ -108,6 +119,7 @@ class Gallery:
         self.path, self.manifest, self._model = path, manifest, model
         self._index = None
         self._arrays: list[dict] | None = None
+        self._entries: list[Entry] | None = None
 
     # ------------------------------------------------------------ opening
     @classmethod
@@ -160,11 +172,14 @@ class Gallery:
         return self.path / "shards" / name
 
     def entries(self) -> list[Entry]:
-        out = []
-        for shard in self.manifest["shards"]:
-            with (self._shard_dir(shard["name"]) / "entries.csv").open(newline="") as handle:
-                out += [Entry(**row) for row in csv.DictReader(handle)]
-        return out
+        """Every enrolled face, in index order."""
+        if self._entries is None:
+            out = []
+            for shard in self.manifest["shards"]:
+                with (self._shard_dir(shard["name"]) / "entries.csv").open(newline="") as handle:
+                    out += [Entry(**row) for row in csv.DictReader(handle)]
+            self._entries = out
+        return self._entries
 
     def __len__(self) -> int:
         return sum(shard["count"] for shard in self.manifest["shards"])
@@ -184,7 +199,7 @@ class Gallery:
 
     def _load_arrays(self) -> list[dict]:
         if self._arrays is None:
-            self._arrays = [{name: np.load(self._shard_dir(shard["name"]) / f"{name}.npy", mmap_mode="r")
+            self._arrays = [{name: _memory_map(self._shard_dir(shard["name"]) / f"{name}.npy")
                              for name in ("embeddings", "maps", "visibility")} for shard in self.manifest["shards"]]
         return self._arrays
 
@@ -194,7 +209,7 @@ class Gallery:
         _write_json_atomically(self.manifest, self.path / "manifest.json")
         for name in drop:
             shutil.rmtree(self._shard_dir(name), ignore_errors=True)
-        self._index, self._arrays = None, None
+        self._index, self._arrays, self._entries = None, None, None
         self._clean_orphans()
 
     def _clean_orphans(self) -> None:
@@ -240,10 +255,14 @@ class Gallery:
             entries.append(Entry(str(identity), str(source), digest))
         if entries:
             dataset = ImageListDataset(faces, input_size=self.model.config.input_size)
-            features = extract_features(self.model, dataset, batch_size, precision=precision, progress=progress)
-            shard = self._write_shard(entries, features)
-            self._commit([*self.manifest["shards"], shard])
+            self.add(entries, extract_features(self.model, dataset, batch_size, precision=precision, progress=progress))
         return EnrollSummary(len(entries), duplicates, failed, time.perf_counter() - started)
+
+    def add(self, entries: list[Entry], features: Features) -> None:
+        """Append faces already through the model (one shard, committed atomically)."""
+        if len(entries) != len(features.embedding):
+            raise ValueError(f"{len(entries)} entries for {len(features.embedding)} faces")
+        self._commit([*self.manifest["shards"], self._write_shard(entries, features)])
 
     def remove(self, identity: str) -> int:
         """Remove every face of ``identity``; returns how many. Shards holding it are rewritten."""
@@ -312,11 +331,18 @@ class Gallery:
         faces = [q if isinstance(q, np.ndarray) else reader(q) for q in queries]
         dataset = ImageListDataset(faces, input_size=model.config.input_size)
         probe = extract_features(model, dataset, precision=precision)
+        names = ["<array>" if isinstance(q, np.ndarray) else str(q) for q in queries]
+        return self.search_features(probe, names, top, shortlist, precision)
+
+    def search_features(self, probe: Features, names: list[str], top: int = 10, shortlist: int = 100,
+                        precision: str = "auto") -> list[SearchResult]:
+        """:meth:`search` for probes already through the model (``Features`` of N faces)."""
+        model = self.model
         similarities, neighbours = self.index().search(probe.embedding.numpy().astype(np.float32), min(shortlist, len(self)))
         qaconv = cpu_matcher(model)
         calibration = model.config.calibration
         results = []
-        for q, query in enumerate(queries):
+        for q, name in enumerate(names):
             found = neighbours[q] >= 0
             rows, embedding = neighbours[q][found], similarities[q][found]
             maps, visibility, entries = self._rows(rows)
@@ -342,7 +368,6 @@ class Gallery:
             decision = candidates[0].identity if candidates else "unknown"
             if candidates and threshold is not None and candidates[0].scores[ranked_by] < threshold:
                 decision = "unknown"
-            name = "<array>" if isinstance(query, np.ndarray) else str(query)
             results.append(SearchResult(name, candidates, decision, ranked_by, threshold))
         return results
 
