@@ -11,7 +11,6 @@ found from, in order: an explicit path, ``$OCCFACE_DETECTOR``, ``$OCCFACE_HOME/f
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from typing import Literal
 import numpy as np
 
 from .data.errors import DataError
-from .data.images import read_image
+from .data.images import file_sha256, read_image
 from .data.synth import LEFT_EYE, MOUTH_LEFT, MOUTH_RIGHT, NOSE_TIP, RIGHT_EYE
 from .errors import InputError
 
@@ -112,12 +111,8 @@ def find_detector(path: str | Path | None = None) -> Path:
 
 
 @functools.lru_cache(maxsize=8)
-def _sha256(path: str, size: int, mtime: float) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _sha256(path: str, size: int, mtime: float) -> str:  # cached while the file is unchanged
+    return file_sha256(path)
 
 
 def verify_detector(path: Path) -> None:

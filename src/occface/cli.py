@@ -382,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("OCCFACE_DEBUG", "").strip() not in ("", "0")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lists the CPU builds it tried
     try:
         return args.run(args)
     except BrokenPipeError:  # e.g. `occface info | head`: the reader has gone; nothing to report

@@ -21,7 +21,6 @@ file (``IVF<sqrt(4n)>,Flat``, 32 lists probed) trained on the gallery's embeddin
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import mmap
@@ -37,6 +36,7 @@ import torch
 
 from .align import FaceReader
 from .data.errors import DataError, DataProblems
+from .data.images import file_sha256
 from .data.verification import ImageListDataset
 from .errors import InputError
 from .models.occface import WEIGHTS_FILE, OccFaceModel
@@ -45,14 +45,6 @@ from .scoring import Features, calibrated_fused, cpu_matcher, extract_features, 
 FORMAT, VERSION = "occface-gallery", 1
 EXACT_UP_TO = 1_000_000
 IVF_PROBES = 32
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_fingerprint(model: OccFaceModel, model_dir: str | Path) -> dict:
@@ -171,14 +163,14 @@ class Gallery:
     def _shard_dir(self, name: str) -> Path:
         return self.path / "shards" / name
 
+    def _shard_entries(self, name: str) -> list[Entry]:
+        with (self._shard_dir(name) / "entries.csv").open(newline="") as handle:
+            return [Entry(**row) for row in csv.DictReader(handle)]
+
     def entries(self) -> list[Entry]:
         """Every enrolled face, in index order."""
         if self._entries is None:
-            out = []
-            for shard in self.manifest["shards"]:
-                with (self._shard_dir(shard["name"]) / "entries.csv").open(newline="") as handle:
-                    out += [Entry(**row) for row in csv.DictReader(handle)]
-            self._entries = out
+            self._entries = [e for shard in self.manifest["shards"] for e in self._shard_entries(shard["name"])]
         return self._entries
 
     def __len__(self) -> int:
@@ -268,8 +260,7 @@ class Gallery:
         """Remove every face of ``identity``; returns how many. Shards holding it are rewritten."""
         kept_shards, dropped, removed = [], [], 0
         for shard, arrays in zip(self.manifest["shards"], self._load_arrays()):
-            with (self._shard_dir(shard["name"]) / "entries.csv").open(newline="") as handle:
-                entries = [Entry(**row) for row in csv.DictReader(handle)]
+            entries = self._shard_entries(shard["name"])
             keep = [i for i, e in enumerate(entries) if e.identity != identity]
             if len(keep) == len(entries):
                 kept_shards.append(shard)
@@ -313,7 +304,7 @@ class Gallery:
     def _rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[Entry]]:
         """Feature maps [K, C, H, W] and visibility [K, 1, H, W] (float32) and entries of global rows."""
         arrays, entries = self._load_arrays(), self.entries()
-        starts = np.cumsum([0] + [s["count"] for s in self.manifest["shards"]])
+        starts = np.cumsum([0] + [shard["count"] for shard in self.manifest["shards"]])
         maps, visibility = [], []
         for row in indices:
             shard = int(np.searchsorted(starts, row, side="right") - 1)
@@ -340,6 +331,7 @@ class Gallery:
         model = self.model
         similarities, neighbours = self.index().search(probe.embedding.numpy().astype(np.float32), min(shortlist, len(self)))
         qaconv = cpu_matcher(model)
+        dtype = matcher_dtype(qaconv, probe.feature_map, precision)
         calibration = model.config.calibration
         results = []
         for q, name in enumerate(names):
@@ -347,7 +339,6 @@ class Gallery:
             rows, embedding = neighbours[q][found], similarities[q][found]
             maps, visibility, entries = self._rows(rows)
             maps_t, visibility_t = torch.from_numpy(maps), torch.from_numpy(visibility)
-            dtype = matcher_dtype(qaconv, maps_t, precision)
             plain = qaconv.score_all(probe.feature_map[q:q + 1], maps_t, dtype=dtype)[0].numpy()
             weighted = qaconv.score_all(probe.feature_map[q:q + 1], maps_t, probe.occlusion[q:q + 1], visibility_t,
                                         dtype=dtype)[0].numpy()
@@ -364,7 +355,8 @@ class Gallery:
                         scores["fused"] = float(fused[i])
                     best[entry.identity] = Candidate(entry.identity, entry.source, scores)
             candidates = list(best.values())[:top]
-            threshold = calibration.get(ranked_by, {}).get("threshold") if isinstance(calibration.get(ranked_by), dict) else None
+            stored = calibration.get(ranked_by)
+            threshold = stored.get("threshold") if isinstance(stored, dict) else None
             decision = candidates[0].identity if candidates else "unknown"
             if candidates and threshold is not None and candidates[0].scores[ranked_by] < threshold:
                 decision = "unknown"

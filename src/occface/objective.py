@@ -98,13 +98,19 @@ class MultiTaskModule(nn.Module):
         return terms
 
 
+def model_config(config: Config) -> ModelConfig:
+    """The network a configuration describes (before any weights or input convention)."""
+    m = config.model
+    return ModelConfig(m.arch, m.feature_level, m.input_size, m.width,
+                       occlusion_hidden_channels=m.occlusion_hidden_channels)
+
+
 def build_model(config: Config) -> tuple[OccFaceModel, OccFaceModel | None]:
     """The model a configuration trains, with ``model.pretrained`` loaded (and its input
     convention, unless the config sets one), and the frozen teacher for distillation (a copy of
     the pretrained model; None without distillation)."""
     m = config.model
-    model = OccFaceModel(ModelConfig(m.arch, m.feature_level, m.input_size, m.width,
-                                     occlusion_hidden_channels=m.occlusion_hidden_channels))
+    model = OccFaceModel(model_config(config))
     if m.pretrained:
         log.info("pretrained weights: %s", load_pretrained(model, m.pretrained))
     overrides = {k: v for k, v in (("color_space", m.color_space), ("mean", m.input_mean), ("std", m.input_std))

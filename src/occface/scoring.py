@@ -86,13 +86,14 @@ def network_key(model: OccFaceModel) -> tuple:
 
 
 def matcher_dtype(qaconv, feature_map: torch.Tensor, precision: str) -> torch.dtype:
-    """The dtype of QAConv's correlations for ``precision`` on the CPU: "auto" times a block of
-    pair scores (up to 64 pairs of the given maps [N, C, H, W]) in fp32 and in bf16."""
-    probe = feature_map[:64]
-    key = ("qaconv", *probe.shape[1:])
+    """The dtype of QAConv's correlations for ``precision`` on the CPU: "auto" times a block of 64
+    pair scores of maps like ``feature_map`` [N, C, H, W] (repeated when N is smaller: a pair or two
+    is too little work to time) in fp32 and in bf16."""
+    block = feature_map[torch.arange(64) % len(feature_map)]
+    key = ("qaconv", *block.shape[1:])
     return compute_dtype(precision, "cpu", key=key,
-                         fp32_run=lambda: qaconv.score_pairs(probe, probe.flip(0), dtype=torch.float32),
-                         bf16_run=lambda: qaconv.score_pairs(probe, probe.flip(0), dtype=torch.bfloat16))
+                         fp32_run=lambda: qaconv.score_pairs(block, block.flip(0), dtype=torch.float32),
+                         bf16_run=lambda: qaconv.score_pairs(block, block.flip(0), dtype=torch.bfloat16))
 
 
 def pair_scores(model: OccFaceModel, features: Features, pairs: np.ndarray, fusion_weight: FusionWeight = 0.5,

@@ -34,7 +34,7 @@ from .errors import InputError
 from .evaluate import OcclusionPairs, evaluate_occlusion_pairs
 from .losses import LossWeights
 from .metrics import evaluate_pairs, threshold_at_far
-from .objective import MultiTaskModule, build_model, class_mean_embeddings
+from .objective import MultiTaskModule, build_model, class_mean_embeddings, model_config
 from .reports import visibility_grid
 from .scoring import (choose_fusion_weights, choose_strata_rule, describe_fusion_weight, fuse, fusion_normalization,
                       network_key, pair_strata)
@@ -176,16 +176,15 @@ def cpu_training_pays_bf16(config: Config) -> bool:
     """Whether "auto" trains in Fabric's ``bf16-mixed`` on this CPU: where the CPU has native bf16
     and the configured network's forward and backward on a batch of the configured size run at least
     1.5x faster in bf16 (measured once per process on random faces; :mod:`occface.precision`)."""
-    from .models import ModelConfig, OccFaceModel
+    from .models import OccFaceModel
     from .precision import MIN_TRAINING_SPEEDUP, cpu_bf16_support, network_precision
 
     if not cpu_bf16_support()[0]:
         return False
-    m = config.model
-    model = OccFaceModel(ModelConfig(m.arch, m.feature_level, m.input_size, m.width,
-                                     occlusion_hidden_channels=m.occlusion_hidden_channels)).train()
+    model = OccFaceModel(model_config(config)).train()
     batch = config.data.identities_per_batch * config.data.images_per_identity
-    sample = torch.rand(batch, 3, m.input_size, m.input_size)
+    size = config.model.input_size
+    sample = torch.rand(batch, 3, size, size)
     key = ("training", *network_key(model)[1:])
     return network_precision(model, sample, "auto", key, backward=True, min_speedup=MIN_TRAINING_SPEEDUP) == "bf16"
 

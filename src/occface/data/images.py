@@ -111,3 +111,14 @@ def tile_grid(tiles: list[np.ndarray], columns: int) -> np.ndarray:
     """Equal-sized uint8 tiles [h, w, 3] laid out ``columns`` to a row (the last row padded black)."""
     tiles = list(tiles) + [np.zeros_like(tiles[0])] * (-len(tiles) % columns)
     return np.concatenate([np.concatenate(tiles[i : i + columns], axis=1) for i in range(0, len(tiles), columns)], axis=0)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
