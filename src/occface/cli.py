@@ -107,7 +107,7 @@ def _eval(args: argparse.Namespace) -> int:
                       occluded_list=args.occluded_list, pairs_per_type=args.pairs_per_type,
                       identification_split=args.identification, fusion_weight=args.fusion_weight,
                       batch_size=args.batch_size, seed=args.seed, device=args.device, faces=faces,
-                      precision=args.precision)
+                      precision=args.precision, runtime=args.runtime, onnx_path=args.onnx)
     if faces.counts["detected"]:
         print(f"faces: {faces.describe()}")
     sources = {k: v for k, v in result.items() if isinstance(v, dict) and set(v) <= set(PAIR_TYPES)}
@@ -133,9 +133,9 @@ def _align(args: argparse.Namespace) -> int:
 def _match(args: argparse.Namespace) -> int:
     from .align import FaceReader
     from .match import draw_match, match
-    from .models.occface import OccFaceModel
+    from .onnx_model import load_face_model
 
-    model = OccFaceModel.from_pretrained(args.model)
+    model = load_face_model(args.model, args.runtime, args.onnx)
     reader = FaceReader(model.config.input_size, args.faces, args.detector, args.min_face)
     (first, first_alignment), (second, second_alignment) = reader.read(args.first), reader.read(args.second)
     for path, alignment in ((args.first, first_alignment), (args.second, second_alignment)):
@@ -165,13 +165,13 @@ def _match(args: argparse.Namespace) -> int:
 def _enroll(args: argparse.Namespace) -> int:
     from .align import FaceReader
     from .gallery import Gallery, enrollment_items
-    from .models.occface import OccFaceModel
+    from .onnx_model import load_face_model
 
     items = enrollment_items(args.inputs, args.identity)
     if (Path(args.gallery) / "manifest.json").is_file():
-        gallery = Gallery.open(args.gallery, model_dir=args.model)
+        gallery = Gallery.open(args.gallery, model_dir=args.model, runtime=args.runtime, onnx_path=args.onnx)
     else:
-        gallery = Gallery.create(args.gallery, OccFaceModel.from_pretrained(args.model), args.model)
+        gallery = Gallery.create(args.gallery, load_face_model(args.model, args.runtime, args.onnx), args.model)
     reader = FaceReader(gallery.model.config.input_size, args.faces, args.detector, args.min_face)
     summary = gallery.enroll(items, reader, precision=args.precision, progress=True)
     for problem in summary.failed:
@@ -189,7 +189,7 @@ def _search(args: argparse.Namespace) -> int:
     from .align import FaceReader
     from .gallery import Gallery
 
-    gallery = Gallery.open(args.gallery, model_dir=args.model)
+    gallery = Gallery.open(args.gallery, model_dir=args.model, runtime=args.runtime, onnx_path=args.onnx)
     reader = FaceReader(gallery.model.config.input_size, args.faces, args.detector, args.min_face)
     results = gallery.search(args.queries, top=args.top, shortlist=args.shortlist, reader=reader,
                              precision=args.precision)
@@ -224,6 +224,13 @@ def _gallery(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import describe_result, export_onnx
+
+    print(f"exported: {describe_result(export_onnx(args.model, args.onnx, opset=args.opset))}")
+    return 0
+
+
 def _face_options(parser: argparse.ArgumentParser) -> None:
     """How a command reads faces (aligned crops, or photos to detect and align) and runs the model."""
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
@@ -234,6 +241,10 @@ def _face_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detector", default=None, help="YuNet 2023mar .onnx for photos (default: $OCCFACE_DETECTOR, "
                                                          "then $OCCFACE_HOME or ~/.cache/occface)")
     parser.add_argument("--min-face", type=int, default=0, help="ignore faces smaller than this (box side, px)")
+    parser.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
+                        help="run the network in PyTorch (default) or in ONNX Runtime from the graph occface export "
+                             "wrote (the network then runs in fp32; --precision still sets QAConv's)")
+    parser.add_argument("--onnx", default=None, help="the graph for --runtime onnx (default: MODEL/model.onnx)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true", help="print the results as JSON")
     _face_options(search)
     search.set_defaults(run=_search)
+
+    export = command("export", help="the network (backbone + occlusion head) as an ONNX graph, for --runtime onnx")
+    export.add_argument("--model", required=True, help="model directory (config.json + model.safetensors)")
+    export.add_argument("--onnx", default=None, help="graph to write (default: MODEL/model.onnx)")
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    export.set_defaults(run=_export)
 
     galleries = command("gallery", help="list, summarise or edit a gallery")
     galleries.add_argument("action", choices=("list", "stats", "remove"))

@@ -21,6 +21,7 @@ from .data.images import resize_image, resize_mask
 from .errors import InputError
 from .metrics import evaluate_pairs
 from .models.occface import OccFaceModel
+from .onnx_model import load_face_model
 from .precision import describe_precision
 from .reports import plot_histograms, write_metrics, write_report
 from .scoring import (
@@ -202,17 +203,19 @@ def run_eval(model_dir: str | Path, out_dir: str | Path, *, pairs_file: str | Pa
              occlude: list[str] | None = None, occluders: str | Path | None = None,
              occluded_list: str | Path | None = None, pairs_per_type: int = 600, identification_split: bool = False,
              fusion_weight: FusionWeight | None = None, batch_size: int = 64, seed: int = 0, device: str = "cpu",
-             progress: bool = True, faces: FaceReader | None = None, precision: str = "auto") -> dict:
+             progress: bool = True, faces: FaceReader | None = None, precision: str = "auto", runtime: str = "torch",
+             onnx_path: str | Path | None = None) -> dict:
     """The ``occface eval`` command: verification (and optionally identification) with every
     score source, written to ``out_dir`` (metrics.json, report.md, roc.png, histograms.png,
     visibility_grid.png). ``fusion_weight`` None: the model's calibrated weights per visibility
     stratum (:func:`choose_fusion_weights`), or the spec's 0.5 for a model without them. ``faces``:
-    how the images of a pairs file are read (photos detected and aligned); default: all aligned."""
+    how the images of a pairs file are read (photos detected and aligned); default: all aligned.
+    ``runtime``, ``onnx_path``: the network in PyTorch or in ONNX Runtime (:func:`load_face_model`)."""
     from .data import OcclusionSynthesizer
     from .data.tools import open_dataset
     from .data.verification import ImageListDataset, read_bin, read_pairs_txt
 
-    model = OccFaceModel.from_pretrained(model_dir)
+    model = load_face_model(model_dir, runtime, onnx_path)
     if fusion_weight is None:
         fusion_weight = calibrated_fusion_weight(model)
     sides, kinds = parse_occlusion_specs(occlude or ["none"])
@@ -271,6 +274,8 @@ def run_eval(model_dir: str | Path, out_dir: str | Path, *, pairs_file: str | Pa
     header = {"model": str(model_dir), "occlusion": ", ".join(occlude or ["none"]), "pairs": len(pairs.issame),
               "fusion weight of the embedding": describe_fusion_weight(fusion_weight),
               "precision": describe_precision(precision, device)}
+    if runtime == "onnx":
+        header["runtime"] = f"ONNX Runtime ({model.onnx_path}; the network in fp32)"
     if faces is not None and faces.counts["detected"]:
         header["faces"] = faces.describe()
     write_report(out_dir, metrics, scores, pairs, features, f"occface eval: {source_name}", header)

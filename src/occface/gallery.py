@@ -39,7 +39,8 @@ from .data.errors import DataError, DataProblems
 from .data.images import file_sha256
 from .data.verification import ImageListDataset
 from .errors import InputError
-from .models.occface import WEIGHTS_FILE, OccFaceModel
+from .models.occface import WEIGHTS_FILE
+from .onnx_model import FaceModel, load_face_model
 from .scoring import Features, calibrated_fused, cpu_matcher, extract_features, matcher_dtype
 
 FORMAT, VERSION = "occface-gallery", 1
@@ -47,7 +48,7 @@ EXACT_UP_TO = 1_000_000
 IVF_PROBES = 32
 
 
-def model_fingerprint(model: OccFaceModel, model_dir: str | Path) -> dict:
+def model_fingerprint(model: FaceModel, model_dir: str | Path) -> dict:
     """What a gallery records of its model: where it was, its shape, and its weights' sha256."""
     model_dir = Path(model_dir)
     config = model.config
@@ -107,15 +108,17 @@ class SearchResult:
 class Gallery:
     """An on-disk gallery (see the module's docstring). ``Gallery.create`` or ``Gallery.open``."""
 
-    def __init__(self, path: Path, manifest: dict, model: OccFaceModel | None = None) -> None:
+    def __init__(self, path: Path, manifest: dict, model: FaceModel | None = None, runtime: str = "torch",
+                 onnx_path: str | Path | None = None) -> None:
         self.path, self.manifest, self._model = path, manifest, model
+        self._runtime, self._onnx_path = runtime, onnx_path
         self._index = None
         self._arrays: list[dict] | None = None
         self._entries: list[Entry] | None = None
 
     # ------------------------------------------------------------ opening
     @classmethod
-    def create(cls, path: str | Path, model: OccFaceModel, model_dir: str | Path) -> "Gallery":
+    def create(cls, path: str | Path, model: FaceModel, model_dir: str | Path) -> "Gallery":
         path = Path(path)
         if (path / "manifest.json").is_file():
             raise InputError(f"{path}: a gallery exists here already")
@@ -125,10 +128,11 @@ class Gallery:
         return cls(path, manifest, model)
 
     @classmethod
-    def open(cls, path: str | Path, model: OccFaceModel | None = None, model_dir: str | Path | None = None,
-             load_model: bool = True) -> "Gallery":
+    def open(cls, path: str | Path, model: FaceModel | None = None, model_dir: str | Path | None = None,
+             load_model: bool = True, runtime: str = "torch", onnx_path: str | Path | None = None) -> "Gallery":
         """Open a gallery; with ``model_dir`` check that it is the model the gallery was built with;
-        with neither, load the model the gallery records (``load_model=False``: when first needed)."""
+        with neither, load the model the gallery records (``load_model=False``: when first needed).
+        ``runtime``, ``onnx_path``: how a model loaded here runs its network (:func:`load_face_model`)."""
         path = Path(path)
         manifest_path = path / "manifest.json"
         if not manifest_path.is_file():
@@ -144,19 +148,19 @@ class Gallery:
         recorded = manifest["model"]
         if model is None and (load_model or model_dir is not None):
             model_dir = model_dir or recorded["path"]
-            model = OccFaceModel.from_pretrained(model_dir)
+            model = load_face_model(model_dir, runtime, onnx_path)
         if model_dir is not None:
             found = file_sha256(Path(model_dir) / WEIGHTS_FILE)
             if found != recorded["weights_sha256"]:
                 raise InputError(f"{path}: the gallery was built with the model at {recorded['path']} (weights sha256 "
                                  f"{recorded['weights_sha256'][:16]}...); {model_dir} is another model ({found[:16]}...): "
                                  "enrol again with this model into a new gallery")
-        return cls(path, manifest, model)
+        return cls(path, manifest, model, runtime, onnx_path)
 
     @property
-    def model(self) -> OccFaceModel:
+    def model(self) -> FaceModel:
         if self._model is None:
-            self._model = OccFaceModel.from_pretrained(self.manifest["model"]["path"])
+            self._model = load_face_model(self.manifest["model"]["path"], self._runtime, self._onnx_path)
         return self._model
 
     # ------------------------------------------------------------ contents

@@ -131,28 +131,61 @@ class OccFaceModel(nn.Module):
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "OccFaceModel":
         """Rebuild a model saved with :meth:`save_pretrained` (strict: every key must fit, except
         parameters added since, listed in ``ADDED_KEYS``, which keep their reset values)."""
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise CheckpointError(f"{path}: not found (a model directory holds {CONFIG_FILE} and {WEIGHTS_FILE})")
-        try:
-            values = json.loads(config_path.read_text())
-            config = ModelConfig(**values)
-        except (json.JSONDecodeError, TypeError) as error:
-            raise CheckpointError(f"{config_path}: not a valid occface model config ({error})") from error
+        config, weights_path = read_config(directory)
         try:
             model = cls(config)
         except ValueError as error:
-            raise CheckpointError(f"{config_path}: not a valid occface model config ({error})") from error
-        state = load_file(str(weights_path), device=str(map_location))
-        expected = model.state_dict()
-        missing, unexpected = sorted(set(expected) - set(state) - ADDED_KEYS), sorted(set(state) - set(expected))
-        shapes = [k for k in set(state) & set(expected) if state[k].shape != expected[k].shape]
-        if missing or unexpected or shapes:
-            raise CheckpointError(f"{weights_path}: weights do not fit the model in {config_path.name} "
-                                  f"(missing {missing[:5]}, unexpected {unexpected[:5]}, mis-shaped {sorted(shapes)[:5]})")
-        model.load_state_dict(state, strict=False)
+            raise CheckpointError(f"{Path(directory) / CONFIG_FILE}: not a valid occface model config ({error})") from error
+        _load_checked(model, weights_path, map_location)
         return model.eval()
+
+
+def read_config(directory: str | Path) -> tuple[ModelConfig, Path]:
+    """The :class:`ModelConfig` of a model folder and the path of its weights (checked to exist)."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: not found (a model directory holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        return ModelConfig(**json.loads(config_path.read_text())), weights_path
+    except (json.JSONDecodeError, TypeError) as error:
+        raise CheckpointError(f"{config_path}: not a valid occface model config ({error})") from error
+
+
+def _load_checked(module: nn.Module, weights_path: Path, map_location: str | torch.device = "cpu",
+                  prefix: str = "") -> None:
+    """Load the tensors under ``prefix`` of a model's weights file into ``module``, strictly (bar
+    ``ADDED_KEYS``)."""
+    from safetensors.torch import load_file
+
+    state = {k.removeprefix(prefix): v for k, v in load_file(str(weights_path), device=str(map_location)).items()
+             if k.startswith(prefix)}
+    expected = module.state_dict()
+    added = {k.removeprefix(prefix) for k in ADDED_KEYS}
+    missing, unexpected = sorted(set(expected) - set(state) - added), sorted(set(state) - set(expected))
+    shapes = [k for k in set(state) & set(expected) if state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"{weights_path}: weights do not fit the model in {CONFIG_FILE} "
+                              f"(missing {missing[:5]}, unexpected {unexpected[:5]}, mis-shaped {sorted(shapes)[:5]})")
+    module.load_state_dict(state, strict=False)
+
+
+def feature_shape(config: ModelConfig) -> tuple[int, int]:
+    """(channels C, side H = W) of the feature map of ``config``'s backbone, without building it."""
+    with torch.device("meta"):
+        backbone = build_backbone(config.arch, config.feature_level, config.input_size, config.width)
+    return backbone.feature_channels, backbone.feature_size
+
+
+def load_matcher(directory: str | Path) -> tuple[ModelConfig, QAConv]:
+    """The config and the QAConv matcher (eval mode) of a saved model, without its network: for a
+    network that runs elsewhere (ONNX Runtime, :mod:`occface.onnx_model`)."""
+    config, weights_path = read_config(directory)
+    try:
+        channels, side = feature_shape(config)
+    except ValueError as error:
+        raise CheckpointError(f"{Path(directory) / CONFIG_FILE}: not a valid occface model config ({error})") from error
+    matcher = QAConv(channels, side, side)
+    _load_checked(matcher, weights_path, prefix="qaconv.")
+    return config, matcher.eval()
