@@ -17,7 +17,7 @@ from occface.export import PARITY_TOLERANCE, export_onnx, parity  # noqa: E402
 from occface.models import ARCHITECTURES, ModelConfig, OccFaceModel, load_pretrained  # noqa: E402
 from occface.onnx_model import GRAPH_FILE, OnnxFaceModel, load_face_model  # noqa: E402
 
-from conftest import SHARED_MODELS, write_png  # noqa: E402
+from conftest import SHARED_DATA, SHARED_MODELS, write_png  # noqa: E402
 
 MOBILEFACENET = SHARED_MODELS / "mobilefacenet_ms1m.pt"
 
@@ -55,8 +55,11 @@ def test_parity_every_backbone(tmp_path, arch, level):
     result = export_onnx(model_dir)
     assert result.path == model_dir / GRAPH_FILE and result.path.is_file()
     exported = OnnxFaceModel(model_dir)
-    # Faces and noise, at a batch size other than the one traced (2): the batch axis is dynamic.
-    faces = torch.cat((procedural_faces(5), torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(1))))
+    # Rendered faces, noise and (where the shared data is) real faces, at a batch size other than the
+    # one traced (2): the batch axis is dynamic.
+    real = [to_tensor(read_image(p)) for p in sorted((SHARED_DATA / "faces112").glob("*/0000.png"))[:4]]
+    faces = torch.cat((procedural_faces(5), torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(1)),
+                       *([torch.stack(real)] if real else [])))
     differences = parity(model, exported, faces)
     assert max(differences.values()) <= PARITY_TOLERANCE, differences
     one = exported(faces[:1])
