@@ -120,3 +120,21 @@ def test_enrol_search_and_gallery_commands(tmp_path, people, capsys):
     _, other_dir = tiny_model(tmp_path, "other", seed=1)
     assert main(["search", str(people / "bob" / "2.png"), "--model", str(other_dir), "--gallery", str(gallery)]) == 2
     assert "occface search: error: " in capsys.readouterr().err
+
+
+def test_rows_read_from_disk(tmp_path):
+    """NpyRows reads single rows of an .npy file (as search does) and says when the file is short."""
+    from occface.gallery import NpyRows
+
+    array = np.arange(5 * 3 * 2 * 2, dtype=np.float16).reshape(5, 3, 2, 2)
+    np.save(tmp_path / "maps.npy", array)
+    rows = NpyRows(tmp_path / "maps.npy")
+    assert len(rows) == 5 and rows.dtype == np.float16
+    for index in (0, 3, 4):
+        np.testing.assert_array_equal(rows.row(index), array[index])
+    np.testing.assert_array_equal(rows.read(), array)
+    rows.close()
+    data = (tmp_path / "maps.npy").read_bytes()
+    (tmp_path / "maps.npy").write_bytes(data[: len(data) - 10])
+    with pytest.raises(InputError, match=r"maps.npy: truncated \(row 4 of 5"):
+        NpyRows(tmp_path / "maps.npy").row(4)

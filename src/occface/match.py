@@ -10,7 +10,7 @@ import torch
 from .data.images import to_tensor
 from .models.occface import OccFaceModel
 from .precision import autocast, check_cpu_bf16, compute_dtype, network_precision
-from .scoring import calibrated_fused, matcher_dtype, network_key, pair_kind, predicted_occluded
+from .scoring import calibrated_fused, matcher_dtype, network_input, network_key, pair_kind, predicted_occluded
 
 
 @torch.inference_mode()
@@ -18,7 +18,7 @@ def match(model: OccFaceModel, first: np.ndarray, second: np.ndarray, top: int =
     """Scores, decisions and the strongest visible-to-visible correspondences of two aligned faces.
     ``precision`` (:mod:`occface.precision`): of the network and QAConv's correlations."""
     model.eval()
-    batch = torch.stack([to_tensor(first), to_tensor(second)])
+    batch = network_input(torch.stack([to_tensor(first), to_tensor(second)]))
     chosen = network_precision(model, batch, precision, network_key(model))
     check_cpu_bf16(compute_dtype(chosen), "cpu", "match")
     with autocast(chosen):
