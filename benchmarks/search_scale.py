@@ -5,7 +5,8 @@ features written as shards: fp32 embeddings, fp16 maps and visibility), the time
 index, the latency of one query (FAISS shortlist of 100, QAConv plain and weighted on the shortlist's
 maps read from disk, fusion), p50 / p95 over the queries, and the resident memory of the searching
 process (a fresh one, as a service would be; the random features are made in another): what it
-allocated (RssAnon) and the mapped file pages it touched (RssFile, reclaimable page cache)). Disk: C*H*W*2 bytes a face for the maps (MobileFaceNet block 3: 50 KB;
+allocated (RssAnon) and its mapped file pages (RssFile: shared libraries; the gallery's rows are
+read with pread, not mapped). Disk: C*H*W*2 bytes a face for the maps (MobileFaceNet block 3: 50 KB;
 1M faces: 50 GB).
 
     python benchmarks/search_scale.py --model runs/niqab_lfw_pretrained/full/model --sizes 10000,100000,1000000 \\
@@ -25,7 +26,7 @@ import torch
 
 def rss_gb(kind: str = "VmRSS") -> float:
     """Resident memory in GB: ``VmRSS`` (all), ``RssAnon`` (what the process allocated) or
-    ``RssFile`` (mapped file pages: the memory-mapped maps, reclaimable page cache)."""
+    ``RssFile`` (mapped file pages: shared libraries, anything memory-mapped)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(f"{kind}:"):
             return int(line.split()[1]) / 2**20

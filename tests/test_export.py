@@ -190,3 +190,10 @@ def test_commands_with_the_onnx_runtime(tmp_path, capsys):
     capsys.readouterr()
     for source in ("embedding", "qaconv", "qaconv_weighted"):
         assert metrics["torch"][source]["clean-clean"]["auc"] == pytest.approx(metrics["onnx"][source]["clean-clean"]["auc"], abs=1e-6)
+
+
+def test_info_names_the_onnx_runtime(capsys):
+    import onnxruntime
+
+    assert main(["info"]) == 0
+    assert f"onnxruntime {onnxruntime.__version__}" in capsys.readouterr().out

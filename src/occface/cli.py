@@ -26,6 +26,12 @@ def _info(args: argparse.Namespace) -> int:
         params = sum(p.numel() for p in b4.parameters()) / 1e6
         maps = [f"{b.feature_channels}x{b.feature_size}x{b.feature_size}" for b in (b3, b4)]
         print(f"{arch:<14} {params:>10.2f}  {maps[0]:<12} {maps[1]:<12}")
+    try:
+        import onnxruntime
+
+        print(f"ONNX runtime (--runtime onnx, occface export): onnxruntime {onnxruntime.__version__}")
+    except ImportError:
+        print("ONNX runtime (--runtime onnx, occface export): not installed (pip install 'occface[onnx]')")
     from .align import find_detector
 
     try:
