@@ -49,13 +49,17 @@ def test_shipped_configs_load():
         load_config(default_config_path(name))
 
 
-def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
-    """6 steps straight vs 3 steps, a 'kill', and a resume: identical weights (CPU, fixed seed)."""
-    straight = Trainer(tiny_config(tmp_path / "a", "train.max_steps=6", "train.checkpoint_every=3"))
+@pytest.mark.parametrize("width", ["0.125", "0.25"])
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path, width):
+    """6 steps straight vs 3 steps, a 'kill', and a resume: identical weights (CPU, fixed seed). At
+    width 0.25 the run trains in channels-last memory; at 0.125 it cannot (channels_last_trains)."""
+    steps = ("train.max_steps=6", "train.checkpoint_every=3", f"model.width={width}")
+    straight = Trainer(tiny_config(tmp_path / "a", *steps))
     straight.fit()
-    first = Trainer(tiny_config(tmp_path / "b", "train.max_steps=6", "train.checkpoint_every=3"))
+    assert straight.channels_last == (width == "0.25")
+    first = Trainer(tiny_config(tmp_path / "b", *steps))
     assert first.fit(stop_after=3) == {"stopped_at": 3}
-    resumed = Trainer(tiny_config(tmp_path / "b", "train.max_steps=6", "train.checkpoint_every=3"), resume=True)
+    resumed = Trainer(tiny_config(tmp_path / "b", *steps), resume=True)
     summary = resumed.fit()
     assert summary["steps"] == 6
     expected, actual = module_state(straight), module_state(resumed)
@@ -214,3 +218,14 @@ def test_ddp_on_cpu_with_torchrun(tmp_path):
     assert result.stdout.count("trained 2 steps") == 1
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert state["step"] == 2 and state["num_classes"] == 12
+
+
+def test_channels_last_training_guard():
+    """IR nets below width 0.25 have 1x1 stride-2 shortcuts on 8 channels, whose channels-last CPU
+    backward crashes PyTorch: they train contiguous; wider ones and MobileFaceNet channels-last."""
+    from occface.models import ModelConfig, OccFaceModel
+    from occface.train import channels_last_trains
+
+    assert not channels_last_trains(OccFaceModel(ModelConfig(arch="ir_18", width=0.125)))
+    assert channels_last_trains(OccFaceModel(ModelConfig(arch="ir_18", width=0.25)))
+    assert channels_last_trains(OccFaceModel(ModelConfig(arch="mobilefacenet")))
