@@ -42,11 +42,11 @@ import numpy as np
 
 from occface.config import load_config
 from occface.demo import default_config_path
-from occface.scoring import calibrated_fusion_weight, extract_features, Features, pair_scores
+from occface.scoring import calibrated_fusion_weight, describe_fusion_weight, extract_features, Features, pair_scores
 from occface.metrics import compare_sources, evaluate_pairs
 from occface.reports import comparison_table, summary_table
 from occface.evaluate import run_eval, VariantDataset
-from occface.train import Trainer
+from occface.train import Trainer, recalibrate
 
 NEEDED = ("cfp112", "faces112", "faces112_split.json", "lfw112", "lfw112_pairs.txt", "occluders")
 
@@ -161,12 +161,17 @@ def pretrained(args: argparse.Namespace) -> int:
     summaries = {}
     for name, extra in runs.items():
         if args.reuse_trained and (args.out / name / "model").is_dir():
+            if args.recalibrate and name == "full":
+                weights = recalibrate(args.out / name)["fusion_weight"]
+                print(f"{name}: calibrated again on its validation pairs; fusion weight of the embedding: "
+                      f"{describe_fusion_weight(weights)}")
             continue
         config = load_config(config_path, [*common, *extra, *args.overrides, f"train.out_dir={args.out / name}"])
         summary = Trainer(config).fit()
-        summaries[name] = {"steps": summary["steps"], "images_per_second": summary["images_per_second"],
-                           "seconds": summary["seconds"]}
-        print(f"{name}: {summary['steps']} steps, {summary['images_per_second']:.1f} images/s, {summary['seconds']:.0f} s")
+        summaries[name] = {key: summary[key] for key in ("steps", "images_per_second", "seconds", "precision",
+                                                          "channels_last")}
+        print(f"{name}: {summary['steps']} steps, {summary['images_per_second']:.1f} images/s, {summary['seconds']:.0f} s "
+              f"({summary['precision']}{', channels-last' if summary['channels_last'] else ''})")
     trained = time.perf_counter() - started
 
     untouched = OccFaceModel(ModelConfig(arch="mobilefacenet", feature_level="block3"))
@@ -240,6 +245,9 @@ def main() -> int:
     parser.add_argument("--held-out-occluders", action="store_true", help="also the procedural niqab and mask")
     parser.add_argument("--pairs", type=int, default=None, help="evaluate only the first N pairs (a quick look)")
     parser.add_argument("--reuse-trained", action="store_true", help="skip training a model (full, baseline) already in --out")
+    parser.add_argument("--recalibrate", action="store_true",
+                        help="with --reuse-trained: calibrate the full model again (thresholds, fusion weights) with this "
+                             "version's rules before evaluating it")
     parser.add_argument("overrides", nargs="*", help="further config overrides, section.key=value")
     args = parser.parse_args()
     missing = [name for name in NEEDED if not (args.data / name).exists()]

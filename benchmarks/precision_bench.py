@@ -5,12 +5,13 @@ scoring, training steps, and (with --lfw-model) LFW accuracy of every score sour
 shows "—"); on one with it, bf16 wherever it measures faster (:mod:`occface.precision`). Printed: the
 CPU's capability, then
 
-- backbone inference (the forward ``extract_features`` runs, batch 64): faces/s for IR-18, IR-50 and
+- backbone inference (the forward ``extract_features`` runs, batch 64, channels-last faces): faces/s for IR-18, IR-50 and
   MobileFaceNet, each with its 14x14 map;
 - QAConv ``score_all`` (64 probes x 512 gallery faces, visibility-weighted): pairs/s at 7x7x512,
   14x14x256 and 14x14x128;
 - a training step of ``configs/demo_cpu.yaml`` and of ``configs/finetune_mobilefacenet.yaml``
-  (48 random faces, every loss term of the config, the optimiser step): images/s.
+  (48 random faces, every loss term of the config, the optimiser step, in the memory layout the
+  Trainer uses on the CPU): images/s.
 
 - with ``--lfw-model DIR --data DIR``: ``occface eval`` of that model on LFW's official pairs, clean
   and with a niqab on one / both faces, in fp32 and in bf16, and the accuracy of each source in both.
@@ -33,9 +34,9 @@ from occface.config import load_config
 from occface.demo import default_config_path
 from occface.models import ModelConfig, OccFaceModel
 from occface.objective import MultiTaskModule, build_model
-from occface.scoring import matcher_dtype, network_key
+from occface.scoring import matcher_dtype, network_input, network_key
 from occface.precision import autocast, cpu_bf16_support, network_precision
-from occface.train import cpu_training_pays_bf16
+from occface.train import channels_last_trains, cpu_training_pays_bf16
 
 NATIVE = cpu_bf16_support()[0]
 
@@ -61,7 +62,7 @@ def header(title: str) -> None:
 
 def backbones(repeats: int) -> None:
     header("backbone inference (batch 64)")
-    images = torch.rand(64, 3, 112, 112)
+    images = network_input(torch.rand(64, 3, 112, 112))  # channels-last, as extract_features hands them over
     for arch in ("ir_18", "ir_50", "mobilefacenet"):
         torch.manual_seed(0)
         model = OccFaceModel(ModelConfig(arch=arch, feature_level="block3")).eval()
@@ -111,6 +112,9 @@ def training(repeats: int) -> None:
                 optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
                 images, masks = torch.rand(48, 3, 112, 112), torch.ones(48, 1, 112, 112)
                 masks[:24, :, 60:] = 0
+                if channels_last_trains(module):  # the Trainer's layout on the CPU
+                    module.to(memory_format=torch.channels_last)
+                    images = images.contiguous(memory_format=torch.channels_last)
                 labels = torch.arange(12).repeat_interleave(4)
                 clean = images.clone() if teacher is not None else None
                 weights_of = {"adaface": config.loss.adaface_weight, "qaconv": config.loss.qaconv_weight,

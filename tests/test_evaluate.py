@@ -119,6 +119,32 @@ def test_fusion_accepts_the_single_normalisation_of_older_models():
                                [0.5 * 1.0 + 0.5 * 1.0, 0.0])
 
 
+def test_fusion_weights_count_only_what_qaconv_adds_to_the_embedding():
+    """Two scores of one network share errors. A QAConv score that is the embedding's score plus
+    noise adds nothing, and should get (almost) no weight, though on its own it separates the
+    identities well; one with evidence of its own should get a share, and the fusion should then
+    separate better than either source."""
+    rng = np.random.default_rng(3)
+    issame = np.tile([True, False], 1000)
+    strata = np.full(len(issame), "occluded-clean")
+    embedding = issame * 2.0 + rng.normal(0, 1, len(issame))
+    echo = 0.8 * embedding + rng.normal(0, 0.5, len(issame))
+    weights = choose_fusion_weights({"embedding": embedding, "qaconv_weighted": echo}, issame, strata)
+    assert verification_metrics(echo, issame)["auc"] > 0.85
+    assert weights["occluded-clean"] >= 0.9
+
+    shared = rng.normal(0, 1, len(issame))  # an error both sources make
+    embedding = issame * 2.0 + 0.7 * shared + rng.normal(0, 0.7, len(issame))
+    own = issame * 1.5 + 0.7 * shared + rng.normal(0, 0.7, len(issame))
+    scores = {"embedding": embedding, "qaconv_weighted": own}
+    weights = choose_fusion_weights(scores, issame, strata)
+    assert 0.5 < weights["occluded-clean"] < 0.9
+    fused = fuse(embedding, own, fusion_normalization(scores, strata), weights, strata)
+    auc = {name: verification_metrics(values, issame)["auc"] for name, values in
+           (("fused", fused), ("embedding", embedding), ("qaconv", own))}
+    assert auc["fused"] > max(auc["embedding"], auc["qaconv"]) + 0.005
+
+
 def test_fusion_weights_follow_each_strata_separation():
     """Where the embedding is noise (an occluded stratum) the fusion should all but drop it; where
     both sources separate identities equally it should weigh them alike; a stratum with too

@@ -12,7 +12,7 @@ from occface.metrics import threshold_at_far
 from occface.evaluate import evaluate_occlusion_pairs
 from occface.models.occface import OccFaceModel
 from occface.objective import MultiTaskModule
-from occface.train import Trainer, TrainingError, atomic_save, calibrate
+from occface.train import Trainer, TrainingError, atomic_save, calibrate, recalibrate
 
 TINY = [
     "model.arch=ir_18", "model.width=0.125", "model.occlusion_hidden_channels=8",
@@ -92,6 +92,16 @@ def test_outputs_of_a_run(tmp_path, monkeypatch):
     assert strata_rule(model) == {"hidden_below": 0.2, "hidden_share": 0.25}  # the fixed rule by default
     assert metrics["fused"]["all"]["auc"] == pytest.approx(summary["validation"]["fused"]["all"]["auc"])
     assert metrics["fused"]["all"]["accuracy"] == pytest.approx(summary["validation"]["fused"]["all"]["accuracy"])
+    # A model saved with another rule's calibration is calibrated again with this version's; the
+    # weights stay as they were.
+    monkeypatch.undo()
+    calibration = recalibrate(tmp_path)
+    again = OccFaceModel.from_pretrained(tmp_path / "model")
+    assert calibration["fusion_weight"] != {"all": 0.9}
+    assert again.config.calibration["fusion_weight"] == calibration["fusion_weight"]
+    assert again.config.calibration["fused"]["threshold"] == pytest.approx(calibration["fused"]["threshold"])
+    for key, value in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
 
 
 def test_calibrated_strata_rule_is_stored_and_used(tmp_path):

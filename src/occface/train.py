@@ -25,13 +25,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .config import Config, ConfigError, save_config
+from .config import Config, ConfigError, load_config, save_config
 from .data import (ConcatFaceDataset, FaceDataset, IdentityBalancedSampler, ImageFolderDataset, OcclusionDataset,
                    OcclusionSynthesizer, ProceduralFaceDataset, ProceduralFaces, RecordIODataset, SynthesizeOcclusion,
                    adaface_augmentation)
 from .data.transforms import Compose
 from .errors import InputError
 from .evaluate import OcclusionPairs, evaluate_occlusion_pairs
+from .models import OccFaceModel
 from .losses import LossWeights
 from .metrics import evaluate_pairs, threshold_at_far
 from .objective import MultiTaskModule, build_model, class_mean_embeddings, model_config
@@ -164,6 +165,34 @@ def calibrate(scores: dict[str, np.ndarray], issame: np.ndarray, strata: np.ndar
     return calibration, scores["fused"]
 
 
+def calibrate_on(model: OccFaceModel, validation: OcclusionPairs, config: Config,
+                 device: str | torch.device = "cpu") -> tuple[dict, dict]:
+    """Score ``model`` on the validation pairs and return (its calibration, :func:`calibrate`, with
+    the strata rule and fusion choices of ``config.train``; the metrics of every source, the fused
+    one scored as the saved model will fuse: with the rule and the weights chosen on these pairs)."""
+    metrics, scores, features = evaluate_occlusion_pairs(model, validation, device=device)
+    rule = choose_strata_rule(features.occlusion, features.occluded.numpy()) if config.train.calibrate_strata else None
+    strata = pair_strata(features, validation.pairs, rule)
+    calibration, fused = calibrate(scores, validation.issame, strata, config.train.calibrate_fusion, rule=rule)
+    metrics["fused"] = evaluate_pairs({"fused": fused}, validation.issame, validation.types, validation.folds)["fused"]
+    return calibration, metrics
+
+
+def recalibrate(run_dir: str | Path) -> dict:
+    """Calibrate the model a finished run saved (``RUN/model``) again, on the validation pairs its
+    ``RUN/config.yaml`` draws, with this version's rules (e.g. a model trained before the fusion
+    weights came from the discriminant); the weights are untouched. Returns the new calibration."""
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    validation = build_data(config).validation
+    if validation is None:
+        raise ConfigError(f"{run_dir / 'config.yaml'}: the run has no validation identities to calibrate on")
+    model = OccFaceModel.from_pretrained(run_dir / "model")
+    model.config.calibration, _ = calibrate_on(model, validation, config)
+    model.save_pretrained(run_dir / "model")
+    return model.config.calibration
+
+
 def atomic_save(state: dict, path: Path) -> None:
     """torch.save to a temporary file in the same folder, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,8 +204,8 @@ def atomic_save(state: dict, path: Path) -> None:
 def cpu_training_pays_bf16(config: Config) -> bool:
     """Whether "auto" trains in Fabric's ``bf16-mixed`` on this CPU: where the CPU has native bf16
     and the configured network's forward and backward on a batch of the configured size run at least
-    1.5x faster in bf16 (measured once per process on random faces; :mod:`occface.precision`)."""
-    from .models import OccFaceModel
+    1.5x faster in bf16 (measured once per process on random faces, in the memory layout training
+    uses: :func:`channels_last_trains`; :mod:`occface.precision`)."""
     from .precision import MIN_TRAINING_SPEEDUP, cpu_bf16_support, network_precision
 
     if not cpu_bf16_support()[0]:
@@ -185,6 +214,9 @@ def cpu_training_pays_bf16(config: Config) -> bool:
     batch = config.data.identities_per_batch * config.data.images_per_identity
     size = config.model.input_size
     sample = torch.rand(batch, 3, size, size)
+    if channels_last_trains(model):
+        model.to(memory_format=torch.channels_last)
+        sample = sample.contiguous(memory_format=torch.channels_last)
     key = ("training", *network_key(model)[1:])
     return network_precision(model, sample, "auto", key, backward=True, min_speedup=MIN_TRAINING_SPEEDUP) == "bf16"
 
@@ -212,6 +244,7 @@ class Trainer:
             uses_gpu = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
             precision = "bf16-mixed" if uses_gpu or cpu_training_pays_bf16(config) else "32-true"
         self.precision = precision
+        log.info("training precision: %s (train.precision: %s)", precision, train.precision)
         self.fabric = L.Fabric(accelerator=accelerator, devices=train.devices, precision=precision)
         self.fabric.launch()
         self.channels_last = False  # decided in _setup, once the model is built
@@ -390,7 +423,8 @@ class Trainer:
         metrics = self._validate()
         self.save_checkpoint("last.ckpt")
         summary = {"steps": self.step, "skipped_steps": self.skipped, "seconds": elapsed,
-                   "images_per_second": images_seen / max(elapsed, 1e-9), "validation": metrics}
+                   "images_per_second": images_seen / max(elapsed, 1e-9), "precision": self.precision,
+                   "channels_last": self.channels_last, "validation": metrics}
         if fabric.is_global_zero:
             self._export(metrics)
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -419,18 +453,8 @@ class Trainer:
         metrics = None
         if self.fabric.is_global_zero:
             model = self.module.model
-            validation = self.data.validation
-            metrics, scores, features = evaluate_occlusion_pairs(model, validation, device=self.fabric.device)
+            self._calibration, metrics = calibrate_on(model, self.data.validation, self.config, self.fabric.device)
             model.train()
-            # The fusion is scored as the exported model will fuse: with the strata rule and the
-            # weights chosen on these pairs.
-            rule = (choose_strata_rule(features.occlusion, features.occluded.numpy())
-                    if self.config.train.calibrate_strata else None)
-            strata = pair_strata(features, validation.pairs, rule)
-            self._calibration, fused = calibrate(scores, validation.issame, strata,
-                                                 self.config.train.calibrate_fusion, rule=rule)
-            metrics["fused"] = evaluate_pairs({"fused": fused}, validation.issame, validation.types,
-                                              validation.folds)["fused"]
             for source, by_type in metrics.items():
                 for pair_type, values in by_type.items():
                     if values.get("accuracy") is not None:
