@@ -36,7 +36,7 @@ from occface.models import ModelConfig, OccFaceModel
 from occface.objective import MultiTaskModule, build_model
 from occface.scoring import matcher_dtype, network_input, network_key
 from occface.precision import autocast, cpu_bf16_support, network_precision
-from occface.train import channels_last_trains, cpu_training_pays_bf16
+from occface.train import cpu_training_pays_bf16, training_memory_format
 
 NATIVE = cpu_bf16_support()[0]
 
@@ -112,9 +112,9 @@ def training(repeats: int) -> None:
                 optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
                 images, masks = torch.rand(48, 3, 112, 112), torch.ones(48, 1, 112, 112)
                 masks[:24, :, 60:] = 0
-                if channels_last_trains(module):  # the Trainer's layout on the CPU
-                    module.to(memory_format=torch.channels_last)
-                    images = images.contiguous(memory_format=torch.channels_last)
+                layout = training_memory_format(module)  # the Trainer's layout on the CPU
+                module.to(memory_format=layout)
+                images = images.contiguous(memory_format=layout)
                 labels = torch.arange(12).repeat_interleave(4)
                 clean = images.clone() if teacher is not None else None
                 weights_of = {"adaface": config.loss.adaface_weight, "qaconv": config.loss.qaconv_weight,

@@ -205,7 +205,7 @@ def cpu_training_pays_bf16(config: Config) -> bool:
     """Whether "auto" trains in Fabric's ``bf16-mixed`` on this CPU: where the CPU has native bf16
     and the configured network's forward and backward on a batch of the configured size run at least
     1.5x faster in bf16 (measured once per process on random faces, in the memory layout training
-    uses: :func:`channels_last_trains`; :mod:`occface.precision`)."""
+    uses: :func:`training_memory_format`; :mod:`occface.precision`)."""
     from .precision import MIN_TRAINING_SPEEDUP, cpu_bf16_support, network_precision
 
     if not cpu_bf16_support()[0]:
@@ -213,10 +213,9 @@ def cpu_training_pays_bf16(config: Config) -> bool:
     model = OccFaceModel(model_config(config)).train()
     batch = config.data.identities_per_batch * config.data.images_per_identity
     size = config.model.input_size
-    sample = torch.rand(batch, 3, size, size)
-    if channels_last_trains(model):
-        model.to(memory_format=torch.channels_last)
-        sample = sample.contiguous(memory_format=torch.channels_last)
+    layout = training_memory_format(model)
+    model.to(memory_format=layout)
+    sample = torch.rand(batch, 3, size, size).contiguous(memory_format=layout)
     key = ("training", *network_key(model)[1:])
     return network_precision(model, sample, "auto", key, backward=True, min_speedup=MIN_TRAINING_SPEEDUP) == "bf16"
 
@@ -227,6 +226,14 @@ def channels_last_trains(module: torch.nn.Module) -> bool:
     process (segmentation fault): IR nets below width 0.25 have such shortcuts."""
     return not any(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
                    and m.in_channels < 16 for m in module.modules())
+
+
+def training_memory_format(module: torch.nn.Module, device: str | torch.device = "cpu") -> torch.memory_format:
+    """The memory layout ``module`` and its faces train in: channels-last on the CPU, where oneDNN's
+    convolutions train faster (a step of 48 faces, 2 cores: MobileFaceNet 1.5x, the demo's IR-18
+    1.3-1.45x, IR-50 1.1-1.3x), unless :func:`channels_last_trains` says it cannot; else contiguous."""
+    on_cpu = torch.device(device).type == "cpu"
+    return torch.channels_last if on_cpu and channels_last_trains(module) else torch.contiguous_format
 
 
 class Trainer:
@@ -247,7 +254,7 @@ class Trainer:
         log.info("training precision: %s (train.precision: %s)", precision, train.precision)
         self.fabric = L.Fabric(accelerator=accelerator, devices=train.devices, precision=precision)
         self.fabric.launch()
-        self.channels_last = False  # decided in _setup, once the model is built
+        self.memory_format = torch.contiguous_format  # decided in _setup, once the model is built
         self.fabric.seed_everything(train.seed, verbose=False)
         self.resume = resume
 
@@ -284,11 +291,8 @@ class Trainer:
         self.best = -1.0
         if self.resume:
             self._load(self.out_dir / "checkpoints" / "last.ckpt")
-        # On the CPU, convolutions (oneDNN) train faster on channels-last weights and images: a step of
-        # 48 faces, 2 cores: MobileFaceNet 1.5x, the demo's IR-18 1.3-1.45x, IR-50 1.1-1.3x.
-        self.channels_last = fabric.device.type == "cpu" and channels_last_trains(self.module)
-        if self.channels_last:
-            self.module.to(memory_format=torch.channels_last)
+        self.memory_format = training_memory_format(self.module, fabric.device)
+        self.module.to(memory_format=self.memory_format)
         self.wrapped, self.wrapped_optimizer = fabric.setup(self.module, self.optimizer)
         self.writer = None
         if fabric.is_global_zero:
@@ -373,9 +377,8 @@ class Trainer:
             self.wrapped.train()
             images, labels, masks = (fabric.to_device(t) for t in (batch.image, batch.label, batch.mask))
             clean = fabric.to_device(batch.clean) if batch.clean.numel() else None
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-                clean = clean.contiguous(memory_format=torch.channels_last) if clean is not None else None
+            images = images.contiguous(memory_format=self.memory_format)
+            clean = clean.contiguous(memory_format=self.memory_format) if clean is not None else None
             terms = self.wrapped(images, labels, masks, clean)
             weights = self.weights.at(self.step)
             total = sum(weights[k] * terms[k] for k in weights)
@@ -430,6 +433,11 @@ class Trainer:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
             self.writer.close()
         return summary
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether this run trains in channels-last memory (:func:`training_memory_format`)."""
+        return self.memory_format == torch.channels_last
 
     def _log(self, terms: dict, total: torch.Tensor, weights: dict, batch, throughput: float) -> None:
         step, writer = self.step, self.writer
