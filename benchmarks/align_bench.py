@@ -94,7 +94,9 @@ def main() -> int:
     parser.add_argument("--faces", type=int, default=500, help="faces per condition")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--score-threshold", type=float, default=None, help="YuNet score threshold (default: occface's)")
-    parser.add_argument("--conditions", default="clean,mask,niqab", help="comma-separated: clean, mask, niqab")
+    parser.add_argument("--conditions", default="clean,mask,niqab",
+                        help="comma-separated: clean, mask, niqab (the overlays in occluders/), drawn-mask, drawn-niqab "
+                             "(occface's procedural occluders: a niqab of one colour over the whole crop but the eye slit)")
     parser.add_argument("--no-retries", action="store_true", help="YuNet once per photo (no retried views)")
     parser.add_argument("--refine", type=int, default=None, help="landmark refinement passes (default: occface's)")
     args = parser.parse_args()
@@ -116,6 +118,7 @@ def main() -> int:
     print(f"OpenCV {cv2.__version__}, {cv2.getNumThreads()} threads; detector {detector.path} "
           f"(score threshold {detector.score_threshold:g})")
     overlays = OcclusionSynthesizer.from_directory(args.data / "occluders", ["niqab", "mask"])
+    drawn = OcclusionSynthesizer([], ["niqab", "mask"])  # no overlays: both kinds drawn procedurally
     rng = np.random.default_rng(args.seed)
     faces = true_landmarks(args.data, args.faces, rng)
     print(f"\n{len(faces)} CFP frontal faces per condition in 640x480 scenes (scale 0.9-2.5, rotation ±30°)\n")
@@ -125,7 +128,9 @@ def main() -> int:
         found, errors, within, seconds = 0, [], 0, 0.0
         for path, truth in faces:
             face = read_image(path)
-            if condition != "clean":
+            if condition.startswith("drawn-"):
+                face = drawn(face, rng, condition.removeprefix("drawn-"))[0]
+            elif condition != "clean":
                 face = overlays(face, rng, condition)[0]
             scene, matrix = paste(face, rng)
             tick = time.perf_counter()
