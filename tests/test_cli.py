@@ -59,6 +59,9 @@ def test_match_on_a_trained_model(workspace, capsys):
     assert main(["match", str(first), str(second), "--model", str(workspace["model"]), "--out", str(picture)]) == 0
     out = capsys.readouterr().out
     assert "fused" in out and "decision (fused)" in out and picture.is_file()
+    folder = workspace["root"] / "pictures"  # --out naming a folder (not there yet): the picture goes inside
+    assert main(["match", str(first), str(second), "--model", str(workspace["model"]), "--out", str(folder)]) == 0
+    assert (folder / f"match_{first.stem}_{second.stem}.png").is_file()
 
 
 def test_synth_check_show_and_eval_on_what_training_made(workspace, capsys):
@@ -179,6 +182,8 @@ CASES = [
      2, ["yunet.onnx", "face detector not found"]),
     ("photo with a wrong detector file", lambda b, w: _match(b, w, "wrong_size.png") + ["--detector", str(b["not_yunet.onnx"])],
      2, ["not_yunet.onnx", "not the YuNet 2023mar face detector", "sha256"]),
+    ("match picture of an unknown type", lambda b, w: _match(b, w, "face")[:-1] + [str(w["root"] / "m.xyz")], 2,
+     ["m.xyz", "cannot write a picture", "'.xyz'"]),
     ("align a missing folder", lambda b, w: ["align", str(b["empty_folder"] / "none"), str(w["root"] / "al")], 2,
      ["none", "not a folder of photos"]),
     ("align an empty folder", lambda b, w: ["align", str(b["empty_folder"]), str(w["root"] / "al")], 2,

@@ -163,7 +163,10 @@ def _match(args: argparse.Namespace) -> int:
     primary = "fused" if "fused" in result["decisions"] else "embedding"
     if primary in result["decisions"]:
         print(f"decision ({primary}): {'SAME person' if result['decisions'][primary] else 'DIFFERENT people'}")
-    out = args.out or Path(args.first).with_name(f"match_{Path(args.first).stem}_{Path(args.second).stem}.png")
+    name = f"match_{Path(args.first).stem}_{Path(args.second).stem}.png"
+    out = Path(args.out) if args.out else Path(args.first).with_name(name)
+    if args.out and (out.is_dir() or not out.suffix):  # a folder: the picture inside it
+        out = out / name
     print(f"picture: {draw_match(first, second, result, out)}")
     return 0
 
@@ -303,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     matcher.add_argument("first")
     matcher.add_argument("second")
     matcher.add_argument("--model", required=True)
-    matcher.add_argument("--out", default=None, help="picture path (default: beside the first image)")
+    matcher.add_argument("--out", default=None, help="picture path (.png, .jpg), or a folder for it (default: beside "
+                         "the first image)")
     _face_options(matcher)
     matcher.set_defaults(run=_match)
 

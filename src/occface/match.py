@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .data.images import to_tensor
+from .errors import InputError
 from .models.occface import OccFaceModel
 from .precision import autocast, check_cpu_bf16, compute_dtype, network_precision
 from .scoring import calibrated_fused, matcher_dtype, network_input, network_key, pair_kind, predicted_occluded
@@ -79,6 +80,8 @@ def draw_match(first: np.ndarray, second: np.ndarray, result: dict, path: str | 
     text = "  ".join(f"{k}: {v:.3f}" for k, v in result["scores"].items())
     draw.text((4, size + 8), text, fill="black")
     path = Path(path)
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise InputError(f"{path}: cannot write a picture with the extension {path.suffix!r} (use .png or .jpg)")
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
