@@ -295,6 +295,15 @@ def test_match_and_eval_take_photos(workspace, yunet_file, shared_data, capsys):
                  "--out", str(workspace["root"] / "photo_match.png")]) == 0
     out = capsys.readouterr().out
     assert f"{photo}: face detected (score" in out and f"{aligned}: taken as an aligned face" in out
+    # A face the model sees as hidden: the photo's gets a note on alignment, the aligned crop's not.
+    import occface.match
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(occface.match, "predicted_occluded", lambda occlusion, rule=None: np.ones(len(occlusion), bool))
+        assert main(["match", str(photo), str(aligned), "--model", str(workspace["model"]), *detector,
+                     "--out", str(workspace["root"] / "photo_match.png")]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and str(photo) in notes[0] and "partly hidden" in notes[0]
     assert main(["match", str(wall), str(aligned), "--model", str(workspace["model"]), *detector]) == 2
     assert "occface match: error: " in (err := capsys.readouterr().err) and "wall.png: no face found" in err
     write_png(photos / "bob" / "bob_0001.png", face[:, ::-1])

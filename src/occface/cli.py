@@ -160,6 +160,11 @@ def _match(args: argparse.Namespace) -> int:
         print(f"{source:<16} {score:8.3f}{verdict}")
     first_visible, second_visible = (float(v.mean()) for v in result["visibility"])
     print(f"visibility       {first_visible:.2f} / {second_visible:.2f} (mean of each map); pair type seen: {result['pair_type']}")
+    for path, alignment, occluded in zip((args.first, args.second), (first_alignment, second_alignment), result["occluded"]):
+        if alignment is not None and occluded:
+            print(f"note: {path}: the face found in this photo is partly hidden; occface's landmarks for hidden "
+                  "faces are less reliable (a niqab's eyes come out too close together, and niqab faces from photos "
+                  "match near chance), so weigh these scores with care: an aligned crop of it matches better")
     primary = "fused" if "fused" in result["decisions"] else "embedding"
     if primary in result["decisions"]:
         print(f"decision ({primary}): {'SAME person' if result['decisions'][primary] else 'DIFFERENT people'}")

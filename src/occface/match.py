@@ -16,8 +16,9 @@ from .scoring import calibrated_fused, matcher_dtype, network_input, network_key
 
 @torch.inference_mode()
 def match(model: OccFaceModel, first: np.ndarray, second: np.ndarray, top: int = 12, precision: str = "auto") -> dict:
-    """Scores, decisions and the strongest visible-to-visible correspondences of two aligned faces.
-    ``precision`` (:mod:`occface.precision`): of the network and QAConv's correlations."""
+    """Scores, decisions and the strongest visible-to-visible correspondences of two aligned faces,
+    and whether the model sees each face as occluded. ``precision`` (:mod:`occface.precision`): of
+    the network and QAConv's correlations."""
     model.eval()
     batch = network_input(torch.stack([to_tensor(first), to_tensor(second)]))
     chosen = network_precision(model, batch, precision, network_key(model))
@@ -48,7 +49,7 @@ def match(model: OccFaceModel, first: np.ndarray, second: np.ndarray, top: int =
     side = maps.shape[-1]
     pairs = [(int(i) // corr.shape[1], int(i) % corr.shape[1], float(v)) for i, v in zip(flat, values)]
     return {"scores": scores, "decisions": decisions, "calibration": calibration, "correspondences": pairs,
-            "pair_type": str(pair_type[0]),
+            "pair_type": str(pair_type[0]), "occluded": [bool(hidden[0]), bool(hidden[1])],
             "visibility": [occ[0, 0].numpy(), occ[1, 0].numpy()], "map_side": side}
 
 
