@@ -250,6 +250,8 @@ def main() -> int:
                              "version's rules before evaluating it")
     parser.add_argument("overrides", nargs="*", help="further config overrides, section.key=value")
     args = parser.parse_args()
+    if args.recalibrate and not args.reuse_trained:
+        parser.error("--recalibrate needs --reuse-trained (a fresh run calibrates with this version's rules anyway)")
     missing = [name for name in NEEDED if not (args.data / name).exists()]
     if missing:
         print(f"{args.data}: {', '.join(missing)} not found; this benchmark needs the workplace's real face data",

@@ -209,6 +209,7 @@ class FaceDetector:
         margin = size // 3
         canvas = size + 2 * margin
         expected = template(size) + margin
+        centre = expected[:2].mean(0)
         to_view = similarity_transform(detection.landmarks, expected)
         view = np.ascontiguousarray(warp_face(image, to_view, canvas)[..., ::-1])
         estimates, scores = [], []
@@ -218,7 +219,6 @@ class FaceDetector:
                 if flipped:  # back from the mirror: x -> canvas - 1 - x, and the left and right points swap
                     face.landmarks[:, 0] = canvas - 1 - face.landmarks[:, 0]
                     face.landmarks = face.landmarks[[1, 0, 2, 4, 3]]
-            centre = expected[:2].mean(0)
             close = [f for f in found if np.linalg.norm(f.landmarks[:2].mean(0) - centre) < near * size]
             if close:
                 best = max(close, key=lambda f: f.score)
