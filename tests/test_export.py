@@ -163,10 +163,11 @@ def test_commands_with_the_onnx_runtime(tmp_path, capsys):
     assert len(outputs["onnx"]) == 3 and outputs["torch"] == pytest.approx(outputs["onnx"], abs=1.01e-3)
     # A gallery enrolled through PyTorch, searched through ONNX Runtime, and the other way round.
     gallery = str(tmp_path / "gallery")
-    assert main(["enroll", str(people), "--model", str(model_dir), "--gallery", gallery]) == 0
+    # fp32 on both sides: "auto" decides by timing, and on a loaded machine it may pick bf16.
+    assert main(["enroll", str(people), "--model", str(model_dir), "--gallery", gallery, "--precision", "fp32"]) == 0
     capsys.readouterr()
     results = {}
-    for runtime, extra in (("torch", []), ("onnx", onnx_args)):
+    for runtime, extra in (("torch", ["--precision", "fp32"]), ("onnx", onnx_args)):
         assert main(["search", first, "--model", str(model_dir), "--gallery", gallery, "--json", "--top", "4", *extra]) == 0
         results[runtime] = json.loads(capsys.readouterr().out)[0]["candidates"]
     assert [c["identity"] for c in results["torch"]] == [c["identity"] for c in results["onnx"]]
