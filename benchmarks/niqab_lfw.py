@@ -163,7 +163,7 @@ def pretrained(args: argparse.Namespace) -> int:
         if args.reuse_trained and (args.out / name / "model").is_dir():
             if args.recalibrate and name == "full":
                 weights = recalibrate(args.out / name)["fusion_weight"]
-                print(f"{name}: calibrated again on its validation pairs; fusion weight of the embedding: "
+                print(f"{name}: calibrated again on its validation pairs; fusion shares: "
                       f"{describe_fusion_weight(weights)}")
             continue
         config = load_config(config_path, [*common, *extra, *args.overrides, f"train.out_dir={args.out / name}"])

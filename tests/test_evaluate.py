@@ -9,7 +9,7 @@ from conftest import write_png
 from occface.cli import main
 from occface.data import DataError, OcclusionDataset, ProceduralFaceDataset, ProceduralFaces
 from occface.scoring import (choose_fusion_weights, choose_strata_rule, describe_fusion_weight, Features, fuse,
-                             fusion_normalization, pair_kind, predicted_occluded, strata_rule)
+                             fusion_normalization, fusion_shares, pair_kind, predicted_occluded, strata_rule)
 from occface.metrics import _bootstrap_auc, compare_sources, threshold_at_far, verification_metrics
 from occface.reports import comparison_table
 from occface.evaluate import identification, OcclusionPairs, parse_occlusion_specs
@@ -102,20 +102,20 @@ def test_fusion_normalises_each_visibility_stratum_on_its_own():
     stats = fusion_normalization(scores, strata)
     assert stats["embedding"]["occluded-occluded"][0] == pytest.approx(occluded.mean() + 5.0)
     assert "occluded-clean" not in stats["embedding"]  # no such pairs: those fall back to "all"
-    fused = fuse(scores["embedding"], scores["qaconv_weighted"], stats, 0.5, strata)
+    fused = fuse(scores, stats, 0.5, strata)
     unshifted = {**scores, "embedding": np.concatenate([clean, occluded])}
-    np.testing.assert_allclose(fused, fuse(unshifted["embedding"], unshifted["qaconv_weighted"],
-                                           fusion_normalization(unshifted, strata), 0.5, strata), atol=1e-9)
+    np.testing.assert_allclose(fused, fuse(unshifted, fusion_normalization(unshifted, strata), 0.5, strata), atol=1e-9)
     same = np.concatenate([issame, issame])
     single = verification_metrics(fused, same)["accuracy"]
-    unstratified = fuse(scores["embedding"], scores["qaconv_weighted"], fusion_normalization(scores), 0.5)
+    unstratified = fuse(scores, fusion_normalization(scores), 0.5)
     assert single > verification_metrics(unstratified, same)["accuracy"] + 0.05
 
 
 def test_fusion_accepts_the_single_normalisation_of_older_models():
     old = {"embedding": [0.2, 0.5], "qaconv_weighted": [-1.0, 2.0]}
     strata = np.array(["clean-clean", "occluded-occluded"])
-    np.testing.assert_allclose(fuse(np.array([0.7, 0.2]), np.array([1.0, -1.0]), old, 0.5, strata),
+    scores = {"embedding": np.array([0.7, 0.2]), "qaconv_weighted": np.array([1.0, -1.0])}
+    np.testing.assert_allclose(fuse(scores, old, 0.5, strata),
                                [0.5 * 1.0 + 0.5 * 1.0, 0.0])
 
 
@@ -131,18 +131,56 @@ def test_fusion_weights_count_only_what_qaconv_adds_to_the_embedding():
     echo = 0.8 * embedding + rng.normal(0, 0.5, len(issame))
     weights = choose_fusion_weights({"embedding": embedding, "qaconv_weighted": echo}, issame, strata)
     assert verification_metrics(echo, issame)["auc"] > 0.85
-    assert weights["occluded-clean"] >= 0.9
+    assert weights["occluded-clean"]["embedding"] >= 0.9
 
     shared = rng.normal(0, 1, len(issame))  # an error both sources make
     embedding = issame * 2.0 + 0.7 * shared + rng.normal(0, 0.7, len(issame))
     own = issame * 1.5 + 0.7 * shared + rng.normal(0, 0.7, len(issame))
     scores = {"embedding": embedding, "qaconv_weighted": own}
     weights = choose_fusion_weights(scores, issame, strata)
-    assert 0.5 < weights["occluded-clean"] < 0.9
-    fused = fuse(embedding, own, fusion_normalization(scores, strata), weights, strata)
+    assert 0.5 < weights["occluded-clean"]["embedding"] < 0.9
+    fused = fuse(scores, fusion_normalization(scores, strata), weights, strata)
     auc = {name: verification_metrics(values, issame)["auc"] for name, values in
            (("fused", fused), ("embedding", embedding), ("qaconv", own))}
     assert auc["fused"] > max(auc["embedding"], auc["qaconv"]) + 0.005
+
+
+def test_fusion_shares_go_to_the_qaconv_source_that_adds_evidence():
+    """Plain and weighted QAConv are both candidates: the one with evidence beyond the embedding
+    gets the share, the one that only echoes it (plus noise) gets none, whichever of the two it is;
+    the fusion of the chosen ones separates better than any source alone."""
+    rng = np.random.default_rng(5)
+    issame = np.tile([True, False], 1500)
+    strata = np.full(len(issame), "occluded-occluded")
+    shared = rng.normal(0, 1, len(issame))
+    embedding = issame * 2.0 + 0.7 * shared + rng.normal(0, 0.7, len(issame))
+    useful = issame * 1.5 + 0.7 * shared + rng.normal(0, 0.7, len(issame))
+    echo = useful + rng.normal(0, 1.0, len(issame))
+    for good, bad in (("qaconv", "qaconv_weighted"), ("qaconv_weighted", "qaconv")):
+        scores = {"embedding": embedding, good: useful, bad: echo}
+        weights = choose_fusion_weights(scores, issame, strata)
+        shares = weights["occluded-occluded"]
+        assert shares[bad] <= 0.05 < 0.15 <= shares[good], (good, shares)
+        assert sum(shares.values()) == pytest.approx(1.0)
+        fused = fuse(scores, fusion_normalization(scores, strata), weights, strata)
+        auc = {name: verification_metrics(values, issame)["auc"] for name, values in scores.items()}
+        assert verification_metrics(fused, issame)["auc"] > max(auc.values()) + 0.005
+    assert describe_fusion_weight(weights["occluded-occluded"]).startswith("embedding ")
+
+
+def test_fusion_weights_name_their_sources_and_strata():
+    assert fusion_shares(0.3) == {"all": {"embedding": 0.3, "qaconv": 0.0, "qaconv_weighted": pytest.approx(0.7)}}
+    assert fusion_shares({"all": 0.5, "clean-clean": {"embedding": 1.0}})["clean-clean"] == {
+        "embedding": 1.0, "qaconv": 0.0, "qaconv_weighted": 0.0}
+    with pytest.raises(ValueError, match="qaconv_weigthed"):
+        fusion_shares({"embedding": 0.5, "qaconv_weigthed": 0.5})
+    with pytest.raises(ValueError, match="'all'"):
+        fusion_shares({"clean-clean": 0.5})
+    with pytest.raises(ValueError, match="occluded-clear"):
+        fusion_shares({"all": 0.5, "occluded-clear": 0.5})
+    with pytest.raises(ValueError, match="qaconv"):  # a share for scores that were not given
+        fuse({"embedding": np.zeros(2), "qaconv_weighted": np.zeros(2)},
+             {"embedding": [0, 1], "qaconv_weighted": [0, 1]}, {"embedding": 0.5, "qaconv": 0.5})
 
 
 def test_fusion_weights_follow_each_strata_separation():
@@ -157,22 +195,22 @@ def test_fusion_weights_follow_each_strata_separation():
     scores = {"embedding": np.concatenate([rng.normal(0, 1, 600), informative(), rng.normal(0, 1, 10)]),
               "qaconv_weighted": np.concatenate([informative(), informative(), rng.normal(0, 1, 10)])}
     weights = choose_fusion_weights(scores, same, strata)
-    assert weights["occluded-clean"] <= 0.1
-    assert 0.4 <= weights["clean-clean"] <= 0.6
-    assert "occluded-occluded" not in weights and 0.1 < weights["all"] < 0.5
+    assert weights["occluded-clean"]["embedding"] <= 0.1
+    assert 0.4 <= weights["clean-clean"]["embedding"] <= 0.6
+    assert "occluded-occluded" not in weights and 0.1 < weights["all"]["embedding"] < 0.5
     normalization = fusion_normalization(scores, strata)
-    fused = fuse(scores["embedding"], scores["qaconv_weighted"], normalization, weights, strata)
+    fused = fuse(scores, normalization, weights, strata)
     for stratum, weight in (("occluded-clean", weights["occluded-clean"]), ("occluded-occluded", weights["all"])):
         chosen = strata == stratum
-        alone = fuse(scores["embedding"][chosen], scores["qaconv_weighted"][chosen], normalization, weight,
-                     strata[chosen])
+        alone = fuse({k: v[chosen] for k, v in scores.items()}, normalization, weight, strata[chosen])
         np.testing.assert_allclose(fused[chosen], alone)
     occluded = strata == "occluded-clean"
-    spec = fuse(scores["embedding"], scores["qaconv_weighted"], normalization, 0.5, strata)
+    spec = fuse(scores, normalization, 0.5, strata)
     assert (verification_metrics(fused[occluded], same[occluded])["auc"]
             > verification_metrics(spec[occluded], same[occluded])["auc"] + 0.05)
-    assert describe_fusion_weight(0.5) == "0.5"
-    assert describe_fusion_weight(weights).endswith(f"otherwise {weights['all']:g}")
+    assert describe_fusion_weight(0.5) == "embedding 0.5 + weighted QAConv 0.5"
+    assert describe_fusion_weight(weights).endswith(
+        f"otherwise: embedding {weights['all']['embedding']:g} + weighted QAConv {weights['all']['qaconv_weighted']:g}")
 
 
 def test_bootstrap_auc_is_the_roc_auc_with_ties_and_multiplicities():

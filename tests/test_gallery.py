@@ -138,3 +138,28 @@ def test_rows_read_from_disk(tmp_path):
     (tmp_path / "maps.npy").write_bytes(data[: len(data) - 10])
     with pytest.raises(InputError, match=r"maps.npy: truncated \(row 4 of 5"):
         NpyRows(tmp_path / "maps.npy").row(4)
+
+
+def test_search_and_match_fuse_the_sources_the_calibration_names(tmp_path, people):
+    """A model calibrated to fuse with plain QAConv (where the visibility weighting costs QAConv)
+    ranks a gallery and scores a pair by plain QAConv's z-score, not weighted QAConv's."""
+    from occface.data.images import read_image
+    from occface.match import match
+
+    model, _ = tiny_model(tmp_path)
+    model.config.calibration = {
+        "normalization": {"hidden_below": 0.2, "hidden_share": 0.25, "embedding": [0.0, 1.0],
+                          "qaconv": [0.5, 2.0], "qaconv_weighted": [0.0, 1.0]},
+        "fusion_weight": {"all": {"qaconv": 1.0}},
+    }
+    model_dir = model.save_pretrained(tmp_path / "plain_fused")
+    gallery = Gallery.create(tmp_path / "g", model, model_dir)
+    gallery.enroll(enrollment_items([people]))
+    [result] = gallery.search([people / "bob" / "2.png"], top=4, shortlist=12)
+    assert result.ranked_by == "fused"
+    for candidate in result.candidates:
+        assert candidate.scores["fused"] == pytest.approx((candidate.scores["qaconv"] - 0.5) / 2.0, abs=1e-5)
+    assert [c.scores["fused"] for c in result.candidates] == sorted((c.scores["fused"] for c in result.candidates),
+                                                                    reverse=True)
+    scores = match(model, read_image(people / "ann" / "0.png"), read_image(people / "bob" / "0.png"))["scores"]
+    assert scores["fused"] == pytest.approx((scores["qaconv"] - 0.5) / 2.0, abs=1e-5)

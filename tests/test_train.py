@@ -121,8 +121,10 @@ def test_calibration_thresholds_the_fusion_it_stores():
               "fused": np.zeros(400)}  # the validation's fusion at 0.5: replaced
     calibration, stored_fused = calibrate(scores, issame, strata)
     weight = calibration["fusion_weight"]
-    assert weight["occluded-clean"] < 0.2 < weight["clean-clean"]
-    fused = fuse(scores["embedding"], scores["qaconv_weighted"], calibration["normalization"], weight, strata)
+    # plain QAConv is noise here: no share anywhere
+    assert weight["occluded-clean"]["embedding"] < 0.2 < weight["clean-clean"]["embedding"]
+    assert all(shares["qaconv"] == 0 for shares in weight.values())
+    fused = fuse(scores, calibration["normalization"], weight, strata)
     assert calibration["fused"]["threshold"] == threshold_at_far(fused, issame, 0.01)
     np.testing.assert_array_equal(stored_fused, fused)
     assert calibration["qaconv"]["threshold"] == threshold_at_far(scores["qaconv"], issame, 0.01)

@@ -128,7 +128,7 @@ class TrainSection:
     val_every: int = 0  # 0: validate at the end only
     val_pairs: int = 1000  # per pair type, drawn from held-out identities (they share images: cheap)
     val_identities: int = 0  # identities held out of training for validation (procedural/folder)
-    calibrate_fusion: bool = True  # choose the fusion weight per pair type on the validation pairs (false: 0.5)
+    calibrate_fusion: bool = True  # choose the fusion's shares per pair type on the validation pairs (false: 0.5)
     # Choose the strata rule's hidden share on the validation faces (false: the fixed 0.25, fitted to
     # niqabs, which files most masked faces as clean). Off by default: on LFW it helps masked pairs and
     # costs niqab pairs (see the README).

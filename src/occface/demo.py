@@ -42,7 +42,7 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, eval_pairs: in
         "model": f"{config.model.arch} width {config.model.width}, {config.model.feature_level} maps",
         "training": f"{summary['steps']} steps, {summary['images_per_second']:.1f} images/s, {summary['seconds']:.0f} s",
         "held-out identities": data.holdout.num_classes,
-        "fusion weight of the embedding": describe_fusion_weight(fusion_weight),
+        "fusion shares": describe_fusion_weight(fusion_weight),
         "total time": f"{time.perf_counter() - started:.0f} s",
     }
     report = write_report(out / "report", metrics, scores, pairs, features, "occface demo: procedural faces, held-out identities", extra)

@@ -272,7 +272,7 @@ def run_eval(model_dir: str | Path, out_dir: str | Path, *, pairs_file: str | Pa
                                                          keep_masks=True, progress=progress, precision=precision)
     out_dir = Path(out_dir)
     header = {"model": str(model_dir), "occlusion": ", ".join(occlude or ["none"]), "pairs": len(pairs.issame),
-              "fusion weight of the embedding": describe_fusion_weight(fusion_weight),
+              "fusion shares": describe_fusion_weight(fusion_weight),
               "precision": describe_precision(precision, device)}
     if runtime == "onnx":
         header["runtime"] = f"ONNX Runtime ({model.onnx_path}; the network in fp32)"

@@ -1,5 +1,6 @@
 """A gallery of enrolled faces on disk, and 1:N search: a FAISS shortlist on the embedding, re-ranked
-by occlusion-weighted QAConv and the model's calibrated fusion (:mod:`occface.scoring`).
+by the model's calibrated fusion of the embedding with plain and occlusion-weighted QAConv
+(:mod:`occface.scoring`).
 
 Layout of a gallery folder ``G``::
 
@@ -359,7 +360,7 @@ class Gallery:
                reader: FaceReader | None = None, precision: str = "auto") -> list[SearchResult]:
         """Rank the gallery's identities for each query (an image file, a photo, or an aligned RGB
         uint8 face [S, S, 3]): FAISS shortlist of ``shortlist`` faces by embedding, re-ranked by
-        the calibrated fusion of embedding and occlusion-weighted QAConv."""
+        the calibrated fusion of embedding, QAConv and occlusion-weighted QAConv."""
         model = self.model
         reader = reader or FaceReader(model.config.input_size)
         faces = [q if isinstance(q, np.ndarray) else reader(q) for q in queries]
@@ -385,7 +386,8 @@ class Gallery:
             plain = qaconv.score_all(probe.feature_map[q:q + 1], maps_t, dtype=dtype)[0].numpy()
             weighted = qaconv.score_all(probe.feature_map[q:q + 1], maps_t, probe.occlusion[q:q + 1], visibility_t,
                                         dtype=dtype)[0].numpy()
-            fused = calibrated_fused(model, embedding, weighted, probe.occlusion[q:q + 1], visibility_t)
+            fused = calibrated_fused(model, {"embedding": embedding, "qaconv": plain, "qaconv_weighted": weighted},
+                                     probe.occlusion[q:q + 1], visibility_t)
             ranked_by = "fused" if fused is not None else "embedding"
             key = fused if fused is not None else embedding
             best: dict[str, Candidate] = {}

@@ -36,7 +36,7 @@ def match(model: OccFaceModel, first: np.ndarray, second: np.ndarray, top: int =
     calibration = model.config.calibration
     hidden = predicted_occluded(occ, calibration.get("normalization", {}))
     pair_type = pair_kind(hidden[:1], hidden[1:])
-    fused = calibrated_fused(model, scores["embedding"], scores["qaconv_weighted"], occ[:1], occ[1:])
+    fused = calibrated_fused(model, scores, occ[:1], occ[1:])
     if fused is not None:
         scores["fused"] = float(fused[0])
     decisions = {source: scores[source] >= calibration[source]["threshold"]

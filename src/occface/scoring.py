@@ -3,11 +3,12 @@ scores -> fusion.
 
 Score sources: ``embedding`` (cosine of flip-and-norm fused embeddings, as AdaFace evaluates),
 ``qaconv`` (QAConv without visibility maps), ``qaconv_weighted`` (with the predicted maps) and
-``fused`` (``w`` * z-scored embedding + (1 - ``w``) * z-scored weighted QAConv; z-scores use the
-mean and std of each source over the scored pairs of the same visibility stratum: clean-clean,
-occluded-clean or occluded-occluded as the model's predicted maps say). ``w`` is one number (the
-spec's 0.5) or one per stratum, as :func:`choose_fusion_weights` picks them on validation pairs
-when a model is trained; a model stores its weights with its calibration.
+``fused``: a weighted sum of the first three, each z-scored with the mean and std of its scores over
+the pairs of the same visibility stratum (clean-clean, occluded-clean or occluded-occluded, as the
+model's predicted maps say). The shares are one number (the embedding's, the rest going to weighted
+QAConv: the spec's 0.5 is the default) or, per stratum, a share for each source, as
+:func:`choose_fusion_weights` picks them on validation pairs when a model is trained; a model stores
+its shares with its calibration.
 """
 from __future__ import annotations
 
@@ -29,7 +30,11 @@ SOURCES = ("embedding", "qaconv", "qaconv_weighted", "fused")
 PAIR_KINDS = ("occluded-occluded", "occluded-clean", "clean-clean")
 
 
-# The embedding's share in the fused score: one number, or {stratum or "all": share}.
+# The sources a fused score may combine.
+FUSED_SOURCES = ("embedding", "qaconv", "qaconv_weighted")
+
+# Shares of the fused score: the embedding's share as one number (the rest to weighted QAConv), or
+# {source: share}, or {stratum or "all": either of those}.
 FusionWeight = Union[float, dict]
 
 
@@ -107,7 +112,7 @@ def matcher_dtype(qaconv, feature_map: torch.Tensor, precision: str) -> torch.dt
 def pair_scores(model: OccFaceModel, features: Features, pairs: np.ndarray, fusion_weight: FusionWeight = 0.5,
                 normalization: dict | None = None, precision: str = "auto") -> dict[str, np.ndarray]:
     """Scores of every source for pairs [N, 2] of feature indices. ``fused`` z-scores the
-    embedding and weighted-QAConv scores per visibility stratum (:func:`pair_strata`, with the
+    sources it combines per visibility stratum (:func:`pair_strata`, with the
     model's stored rule) with ``normalization`` (from :func:`fusion_normalization`) if given,
     otherwise with their mean and std over these pairs. ``precision``: of QAConv's correlations
     (:mod:`occface.precision`); scores are fp32."""
@@ -123,7 +128,7 @@ def pair_scores(model: OccFaceModel, features: Features, pairs: np.ndarray, fusi
     rule = normalization or strata_rule(model)
     strata = pair_strata(features, pairs, rule)
     stats = normalization or fusion_normalization(scores, strata, rule)
-    scores["fused"] = fuse(scores["embedding"], scores["qaconv_weighted"], stats, fusion_weight, strata)
+    scores["fused"] = fuse(scores, stats, fusion_weight, strata)
     return scores
 
 
@@ -198,7 +203,8 @@ def pair_strata(features: Features, pairs: np.ndarray, rule: dict | None = None)
 
 def fusion_normalization(scores: dict[str, np.ndarray], strata: np.ndarray | None = None,
                          rule: dict | None = None) -> dict:
-    """Mean and std of the two fused sources over a score set, per visibility stratum and over
+    """Mean and std of each source a fusion may combine (those of ``FUSED_SOURCES`` in ``scores``)
+    over a score set, per visibility stratum and over
     all pairs, with the rule that gave the strata (``rule``; None: the defaults):
     ``{"hidden_below": b, "hidden_share": s, source: {stratum or "all": [mean, std]}}``.
 
@@ -208,7 +214,7 @@ def fusion_normalization(scores: dict[str, np.ndarray], strata: np.ndarray | Non
     rule = rule or {}
     result: dict = {"hidden_below": rule.get("hidden_below", HIDDEN_BELOW),
                     "hidden_share": rule.get("hidden_share", HIDDEN_SHARE)}
-    for source in ("embedding", "qaconv_weighted"):
+    for source in (s for s in FUSED_SOURCES if s in scores):
         values = np.asarray(scores[source], np.float64)
         result[source] = {"all": [float(values.mean()), float(values.std() + 1e-12)]}
         if strata is not None:
@@ -229,94 +235,163 @@ def per_stratum(values: dict, shape: tuple, strata: np.ndarray | None) -> np.nda
     return out
 
 
-def fuse(embedding: np.ndarray, qaconv_weighted: np.ndarray, normalization: dict, weight: FusionWeight = 0.5,
+def fusion_shares(weight: FusionWeight) -> dict[str, dict[str, float]]:
+    """Any form of :data:`FusionWeight` -> ``{stratum or "all": {source: share}}`` over
+    ``FUSED_SOURCES``. A number ``w`` is the embedding's share, ``1 - w`` weighted QAConv's (the
+    spec's fusion; models stored before plain QAConv could take a share). An unknown source or
+    stratum is an error, not a share of 0."""
+
+    def one(value, where: str) -> dict[str, float]:
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(FUSED_SOURCES))
+            if unknown:
+                raise ValueError(f"fusion weights{where}: unknown source(s) {unknown}; expected some of {list(FUSED_SOURCES)}")
+            return {source: float(value.get(source, 0.0)) for source in FUSED_SOURCES}
+        return {"embedding": float(value), "qaconv": 0.0, "qaconv_weighted": 1.0 - float(value)}
+
+    if not isinstance(weight, dict) or set(weight) <= set(FUSED_SOURCES):
+        return {"all": one(weight, "")}
+    unknown = sorted(set(weight) - {"all", *PAIR_KINDS})
+    if unknown or "all" not in weight:
+        raise ValueError(f"fusion weights per stratum need an 'all' entry and only {list(PAIR_KINDS)} besides; "
+                         f"got {sorted(weight)}")
+    return {stratum: one(value, f" for {stratum}") for stratum, value in weight.items()}
+
+
+def fused_sources(weight: FusionWeight) -> list[str]:
+    """The sources with a share in some stratum: the scores :func:`fuse` needs."""
+    shares = fusion_shares(weight)
+    return [source for source in FUSED_SOURCES if any(s[source] != 0 for s in shares.values())]
+
+
+def fuse(scores: dict[str, np.ndarray], normalization: dict, weight: FusionWeight = 0.5,
          strata: np.ndarray | None = None) -> np.ndarray:
-    """w * z(embedding) + (1 - w) * z(weighted QAConv), z-scored with the statistics of each
-    pair's visibility stratum (``strata``, same shape as the scores; statistics over all pairs
-    where it is None or the stratum has none). ``weight``: one number, or ``{stratum or "all": w}``
-    (:func:`choose_fusion_weights`). Older models store one [mean, std] per source. The result has
-    the broadcast shape of the scores and ``strata`` (one pair's scalars with a [1] stratum: [1])."""
-    shape = np.broadcast_shapes(np.shape(embedding), np.shape(qaconv_weighted), np.shape(strata) if strata is not None else ())
-    w = per_stratum(weight if isinstance(weight, dict) else {"all": weight}, shape, strata)
+    """Sum over sources of share * z(score), z-scored with the statistics of each pair's visibility
+    stratum (``strata``, same shape as the scores; statistics over all pairs where it is None or
+    the stratum has none). ``scores``: {source: scores} with at least the sources that have a
+    share (:func:`fused_sources`); ``weight``: see :func:`fusion_shares`. Older models store one
+    [mean, std] per source. The result has the broadcast shape of the scores and ``strata`` (one
+    pair's scalars with a [1] stratum: [1])."""
+    shares = fusion_shares(weight)
+    needed = fused_sources(shares)
+    missing = [source for source in needed if source not in scores or source not in normalization]
+    if missing:
+        raise ValueError(f"the fusion gives {missing} a share, but no scores or normalisation were given for it")
+    shape = np.broadcast_shapes(*(np.shape(scores[s]) for s in needed), np.shape(strata) if strata is not None else ())
     fused = np.zeros(shape, np.float64)
-    for source, values, share in (("embedding", embedding, w), ("qaconv_weighted", qaconv_weighted, 1 - w)):
+    for source in needed:
+        share = per_stratum({k: v[source] for k, v in shares.items()}, shape, strata)
         stats = normalization[source]
         stats = stats if isinstance(stats, dict) else {"all": stats}
         mean = per_stratum({k: v[0] for k, v in stats.items()}, shape, strata)
         std = per_stratum({k: v[1] for k, v in stats.items()}, shape, strata)
-        fused += share * (np.asarray(values, np.float64) - mean) / std
+        fused += share * (np.asarray(scores[source], np.float64) - mean) / std
     return fused
 
 
 def calibrated_fusion_weight(model: OccFaceModel) -> FusionWeight:
-    """The fusion weight stored with a model (per stratum, chosen on its validation pairs), or the
+    """The fusion shares stored with a model (per stratum, chosen on its validation pairs), or the
     spec's 0.5 for a model without one."""
     return model.config.calibration.get("fusion_weight", 0.5)
 
 
-def calibrated_fused(model: OccFaceModel, embedding: np.ndarray, qaconv_weighted: np.ndarray,
-                     first_occlusion: torch.Tensor, second_occlusion: torch.Tensor) -> np.ndarray | None:
-    """The fused score with the normalisation, strata rule and weights stored with the model (from
-    its validation pairs), for scores of faces with visibility maps [N1, 1, H, W] and [N2, 1, H, W]
-    (the scores' shape broadcasts with [N1] against [N2]); None for a model stored without them."""
+def calibrated_fused(model: OccFaceModel, scores: dict[str, np.ndarray], first_occlusion: torch.Tensor,
+                     second_occlusion: torch.Tensor) -> np.ndarray | None:
+    """The fused score with the normalisation, strata rule and shares stored with the model (from
+    its validation pairs), for ``scores`` {source: scores} of faces with visibility maps
+    [N1, 1, H, W] and [N2, 1, H, W] (the scores' shape broadcasts with [N1] against [N2]); None for
+    a model stored without them."""
     normalization = model.config.calibration.get("normalization", {})
     if not normalization:
         return None
     strata = pair_kind(predicted_occluded(first_occlusion, normalization),
                        predicted_occluded(second_occlusion, normalization))
-    return fuse(embedding, qaconv_weighted, normalization, calibrated_fusion_weight(model), strata)
+    return fuse(scores, normalization, calibrated_fusion_weight(model), strata)
+
+
+SOURCE_NAMES = {"embedding": "embedding", "qaconv": "QAConv", "qaconv_weighted": "weighted QAConv"}
 
 
 def describe_fusion_weight(weight: FusionWeight) -> str:
-    """A fusion weight in words, e.g. ``0.5`` or ``occluded-occluded 0.3, occluded-clean 0.29,
-    clean-clean 0.51, otherwise 0.24``."""
-    if not isinstance(weight, dict):
-        return f"{weight:g}"
-    parts = [f"{k} {weight[k]:g}" for k in PAIR_KINDS if k in weight]
-    return ", ".join(parts + [f"otherwise {weight['all']:g}"])
+    """Fusion shares in words, e.g. ``embedding 0.5 + weighted QAConv 0.5`` or, per stratum,
+    ``occluded-occluded: embedding 0.5 + QAConv 0.5; ...; otherwise: embedding 1``."""
+    shares = fusion_shares(weight)
+
+    def words(share: dict[str, float]) -> str:
+        return " + ".join(f"{SOURCE_NAMES[k]} {v:g}" for k, v in share.items() if v != 0) or "nothing"
+
+    if list(shares) == ["all"]:
+        return words(shares["all"])
+    parts = [f"{k}: {words(shares[k])}" for k in PAIR_KINDS if k in shares]
+    return "; ".join(parts + [f"otherwise: {words(shares['all'])}"])
 
 
-def discriminant_weight(embedding: np.ndarray, qaconv_weighted: np.ndarray, issame: np.ndarray) -> float:
-    """The embedding's share of Fisher's linear discriminant of two score sources on labelled pairs
-    [N]: ``w ∝ S⁻¹ (μ_same − μ_different)`` on the z-scored sources (z over all N pairs, as
-    :func:`fuse` scores them), ``S`` the mean of the two classes' 2x2 covariances. A negative part
-    (a source that only repeats the other's errors) is set to 0; neither source separating the
-    classes gives the spec's 0.5. -> ``w_emb / (w_emb + w_qaconv)``."""
-    values = np.stack([embedding, qaconv_weighted], 1).astype(np.float64)
+def discriminant_shares(values: np.ndarray, issame: np.ndarray) -> np.ndarray:
+    """Shares of K score sources [N, K] from Fisher's linear discriminant on labelled pairs [N]:
+    ``w ∝ S⁻¹ (μ_same − μ_different)`` on the z-scored sources (z over all N pairs, as :func:`fuse`
+    scores them), ``S`` the mean of the two classes' covariances. A source whose part comes out
+    negative (it only repeats the others' errors) is dropped and the rest solved again, the most
+    negative first; no source separating the classes gives equal shares. -> [K], summing to 1."""
+    values = np.asarray(values, np.float64)
     values = (values - values.mean(0)) / (values.std(0) + 1e-12)
     same = np.asarray(issame, bool)
-    gap = values[same].mean(0) - values[~same].mean(0)
-    spread = 0.5 * (np.cov(values[same].T) + np.cov(values[~same].T)) + 1e-6 * np.eye(2)
-    direction = np.clip(np.linalg.solve(spread, gap), 0.0, None)
-    return 0.5 if direction.sum() <= 0 else float(direction[0] / direction.sum())
+    kept = list(range(values.shape[1]))
+    while True:
+        chosen = values[:, kept]
+        gap = chosen[same].mean(0) - chosen[~same].mean(0)
+        spread = 0.5 * (np.atleast_2d(np.cov(chosen[same].T)) + np.atleast_2d(np.cov(chosen[~same].T)))
+        spread = spread + 1e-6 * np.eye(len(kept))
+        direction = np.linalg.solve(spread, gap)
+        if (direction >= 0).all() or len(kept) == 1:
+            break
+        kept.pop(int(np.argmin(direction)))
+    shares = np.zeros(values.shape[1])
+    shares[kept] = np.clip(direction, 0.0, None)
+    return shares / shares.sum() if shares.sum() > 0 else np.full(values.shape[1], 1.0 / values.shape[1])
+
+
+def rounded_shares(shares: np.ndarray, sources: tuple[str, ...]) -> dict[str, float]:
+    """Shares [K] -> {source: share} rounded to 0.01, still summing to 1 (the largest takes the
+    rounding), so that every stratum's fused scores stay on one scale."""
+    rounded = np.round(shares, 2)
+    rounded[int(np.argmax(rounded))] += 1.0 - rounded.sum()
+    return {source: round(float(v), 2) for source, v in zip(sources, rounded)}
 
 
 def choose_fusion_weights(scores: dict[str, np.ndarray], issame: np.ndarray, strata: np.ndarray,
-                          min_pairs: int = 20) -> dict:
-    """The embedding's fusion weight per visibility stratum from labelled (validation) pairs
-    (:func:`discriminant_weight`); ``"all"`` (for strata without enough pairs) comes from all
-    pairs. A stratum needs ``min_pairs`` same and ``min_pairs`` different pairs.
-    -> ``{"all": w, stratum: w, ...}``, rounded to 0.01.
+                          min_pairs: int = 20, sources: tuple[str, ...] | None = None) -> dict:
+    """Each source's share in the fused score per visibility stratum from labelled (validation)
+    pairs (:func:`discriminant_shares` of ``sources``; default: those of ``FUSED_SOURCES`` in
+    ``scores``); ``"all"`` (for strata without enough pairs)
+    comes from all pairs. A stratum needs ``min_pairs`` same and ``min_pairs`` different pairs.
+    -> ``{"all": {source: share}, stratum: {source: share}, ...}``, rounded to 0.01.
 
-    An occluder can leave the embedding near chance while weighted QAConv still separates
-    identities, so the spec's 0.5 for every pair type lets the weaker source drag the fusion below
-    its better part. The two sources come from one network and their errors are correlated (within
-    same-identity validation pairs of a fine-tuned MobileFaceNet, r = 0.5-0.6): a weighting by each
-    source's own separation (d' ratio, which assumes independent sources) gives a weaker QAConv a
-    third of the fusion and put the fused score below the embedding alone on LFW; the discriminant
-    counts only what QAConv adds beyond the embedding."""
+    An occluder can leave the embedding near chance while QAConv still separates identities, so
+    the spec's 0.5 for every pair type lets the weaker source drag the fusion below its better
+    part. The sources come from one network and their errors are correlated (within same-identity
+    validation pairs of a fine-tuned MobileFaceNet, r = 0.5-0.6): a weighting by each source's own
+    separation (d' ratio, which assumes independent sources) gives a weaker QAConv a third of the
+    fusion and put the fused score below the embedding alone on LFW; the discriminant counts only
+    what a source adds beyond the others. Plain and weighted QAConv are both candidates: which of
+    them adds more depends on the model (on MobileFaceNet's 7x7 block-4 maps the weighting costs
+    QAConv, on its 14x14 block-3 maps it helps)."""
     issame = np.asarray(issame, bool)
+    sources = sources or tuple(source for source in FUSED_SOURCES if source in scores)
+    missing = [source for source in sources if source not in scores]
+    if missing:
+        raise ValueError(f"choose_fusion_weights: no scores for {missing}")
 
-    def weight(chosen: np.ndarray) -> float | None:
+    def shares(chosen: np.ndarray) -> dict[str, float] | None:
         same = issame[chosen]
         if same.sum() < min_pairs or (~same).sum() < min_pairs:
             return None
-        return round(discriminant_weight(scores["embedding"][chosen], scores["qaconv_weighted"][chosen], same), 2)
+        values = np.stack([np.asarray(scores[source])[chosen] for source in sources], 1)
+        return rounded_shares(discriminant_shares(values, same), sources)
 
-    overall = weight(np.ones(len(issame), bool))
-    weights = {"all": 0.5 if overall is None else overall}
+    overall = shares(np.ones(len(issame), bool))
+    weights = {"all": overall if overall is not None else 0.5}
     for stratum in PAIR_KINDS:
-        chosen = weight(strata == stratum)
+        chosen = shares(strata == stratum)
         if chosen is not None:
             weights[stratum] = chosen
     return weights
@@ -338,6 +413,5 @@ def score_matrix(model: OccFaceModel, probe: Features, gallery: Features, fusion
     rule = strata_rule(model)
     strata = pair_kind(predicted_occluded(probe.occlusion, rule)[:, None],
                        predicted_occluded(gallery.occlusion, rule)[None, :])
-    matrices["fused"] = fuse(matrices["embedding"], matrices["qaconv_weighted"],
-                             fusion_normalization(matrices, strata, rule), fusion_weight, strata)
+    matrices["fused"] = fuse(matrices, fusion_normalization(matrices, strata, rule), fusion_weight, strata)
     return matrices

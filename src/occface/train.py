@@ -157,8 +157,8 @@ def calibrate(scores: dict[str, np.ndarray], issame: np.ndarray, strata: np.ndar
     scores = dict(scores)
     normalization = fusion_normalization(scores, strata, rule)
     weight = choose_fusion_weights(scores, issame, strata) if choose_weights else 0.5
-    scores["fused"] = fuse(scores["embedding"], scores["qaconv_weighted"], normalization, weight, strata)
-    log.info("fusion weight of the embedding: %s", describe_fusion_weight(weight))
+    scores["fused"] = fuse(scores, normalization, weight, strata)
+    log.info("fusion shares: %s", describe_fusion_weight(weight))
     calibration: dict = {source: {"far": far, "threshold": threshold_at_far(values, issame, far)}
                          for source, values in scores.items()}
     calibration.update(normalization=normalization, fusion_weight=weight)
