@@ -62,6 +62,12 @@ def test_match_on_a_trained_model(workspace, capsys):
     folder = workspace["root"] / "pictures"  # --out naming a folder (not there yet): the picture goes inside
     assert main(["match", str(first), str(second), "--model", str(workspace["model"]), "--out", str(folder)]) == 0
     assert (folder / f"match_{first.stem}_{second.stem}.png").is_file()
+    # Without --out: the current folder, never the folder the faces are in (a user's data).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workspace["root"])
+        assert main(["match", str(first), str(second), "--model", str(workspace["model"])]) == 0
+    assert (workspace["root"] / f"match_{first.stem}_{second.stem}.png").is_file()
+    assert not list(first.parent.glob("match_*"))
 
 
 def test_synth_check_show_and_eval_on_what_training_made(workspace, capsys):

@@ -169,7 +169,7 @@ def _match(args: argparse.Namespace) -> int:
     if primary in result["decisions"]:
         print(f"decision ({primary}): {'SAME person' if result['decisions'][primary] else 'DIFFERENT people'}")
     name = f"match_{Path(args.first).stem}_{Path(args.second).stem}.png"
-    out = Path(args.out) if args.out else Path(args.first).with_name(name)
+    out = Path(args.out) if args.out else Path(name)  # never into the folder of the faces themselves
     if args.out and (out.is_dir() or not out.suffix):  # a folder: the picture inside it
         out = out / name
     print(f"picture: {draw_match(first, second, result, out)}")
@@ -311,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     matcher.add_argument("first")
     matcher.add_argument("second")
     matcher.add_argument("--model", required=True)
-    matcher.add_argument("--out", default=None, help="picture path (.png, .jpg), or a folder for it (default: beside "
-                         "the first image)")
+    matcher.add_argument("--out", default=None, help="picture path (.png, .jpg), or a folder for it (default: "
+                         "match_FIRST_SECOND.png in the current folder)")
     _face_options(matcher)
     matcher.set_defaults(run=_match)
 
