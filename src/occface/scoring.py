@@ -258,22 +258,16 @@ def fusion_shares(weight: FusionWeight) -> dict[str, dict[str, float]]:
     return {stratum: one(value, f" for {stratum}") for stratum, value in weight.items()}
 
 
-def fused_sources(weight: FusionWeight) -> list[str]:
-    """The sources with a share in some stratum: the scores :func:`fuse` needs."""
-    shares = fusion_shares(weight)
-    return [source for source in FUSED_SOURCES if any(s[source] != 0 for s in shares.values())]
-
-
 def fuse(scores: dict[str, np.ndarray], normalization: dict, weight: FusionWeight = 0.5,
          strata: np.ndarray | None = None) -> np.ndarray:
     """Sum over sources of share * z(score), z-scored with the statistics of each pair's visibility
     stratum (``strata``, same shape as the scores; statistics over all pairs where it is None or
     the stratum has none). ``scores``: {source: scores} with at least the sources that have a
-    share (:func:`fused_sources`); ``weight``: see :func:`fusion_shares`. Older models store one
+    share in some stratum; ``weight``: see :func:`fusion_shares`. Older models store one
     [mean, std] per source. The result has the broadcast shape of the scores and ``strata`` (one
     pair's scalars with a [1] stratum: [1])."""
     shares = fusion_shares(weight)
-    needed = fused_sources(shares)
+    needed = [source for source in FUSED_SOURCES if any(share[source] != 0 for share in shares.values())]
     missing = [source for source in needed if source not in scores or source not in normalization]
     if missing:
         raise ValueError(f"the fusion gives {missing} a share, but no scores or normalisation were given for it")
