@@ -12,7 +12,9 @@ from occface.metrics import threshold_at_far
 from occface.evaluate import evaluate_occlusion_pairs
 from occface.models.occface import OccFaceModel
 from occface.objective import MultiTaskModule
-from occface.train import Trainer, TrainingError, atomic_save, calibrate, recalibrate
+from occface.train import Trainer, TrainingError, atomic_save, build_data, calibrate, recalibrate
+
+from conftest import write_png
 
 TINY = [
     "model.arch=ir_18", "model.width=0.125", "model.occlusion_hidden_channels=8",
@@ -241,3 +243,31 @@ def test_channels_last_training_guard():
     assert not channels_last_trains(OccFaceModel(ModelConfig(arch="ir_18", width=0.125)))
     assert channels_last_trains(OccFaceModel(ModelConfig(arch="ir_18", width=0.25)))
     assert channels_last_trains(OccFaceModel(ModelConfig(arch="mobilefacenet")))
+
+
+def test_extra_val_identities_hold_people_of_every_extra_folder_out_of_training(tmp_path, face_folder):
+    """`data.extra_val_identities=N`: the last N identities of each extra folder validate and never
+    train; a folder without images (CFP's Protocol/) is not an identity; asking for more than a
+    folder has, or for the option without extra folders, is an error."""
+    rng = np.random.default_rng(1)
+    extra = tmp_path / "extra"
+    for identity in ("d01", "d02", "d03", "d04"):
+        for index in range(3):
+            write_png(extra / identity / f"{index}.png", rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))
+    (extra / "Protocol").mkdir()
+    (extra / "Protocol" / "pairs.txt").write_text("not an identity\n")
+    folder = ["data.source=folder", f"data.path={face_folder}", f"data.extra_paths=[{extra}]", "train.val_identities=2"]
+    bundle = build_data(tiny_config(tmp_path, *folder, "data.extra_val_identities=2"))
+    assert sorted(bundle.train.identities) == ["alice", "d01", "d02"]
+    assert sorted(bundle.holdout.identities) == ["bob", "carol", "d03", "d04"]
+    assert len(bundle.train) == 4 + 6 and len(bundle.holdout) == 8 + 6
+    variants = bundle.validation.dataset
+    labels = {variants.identities[variants.targets[i]] for i in bundle.validation.pairs.ravel()}
+    assert {"d03", "d04"} & labels  # validation pairs are drawn from the extra folder's people too
+    plain = build_data(tiny_config(tmp_path, *folder))
+    assert sorted(plain.train.identities) == ["alice", "d01", "d02", "d03", "d04"]
+    assert sorted(plain.holdout.identities) == ["bob", "carol"]
+    with pytest.raises(ConfigError, match=r"extra.*would hold out all of its 4 identities"):
+        build_data(tiny_config(tmp_path, *folder, "data.extra_val_identities=4"))
+    with pytest.raises(ConfigError, match="needs data.source=folder and data.extra_paths"):
+        build_data(tiny_config(tmp_path, "data.extra_val_identities=1"))

@@ -67,6 +67,9 @@ def build_data(config: Config) -> DataBundle:
     common = dict(input_size=config.model.input_size, seed=train.seed)
     clean = dict(clean_targets=config.loss.distills)
     holdout: FaceDataset | None = None
+    if data.extra_val_identities and not (data.source == "folder" and data.extra_paths):
+        raise ConfigError("data.extra_val_identities holds identities of data.extra_paths out of training; "
+                          "it needs data.source=folder and data.extra_paths")
     if data.source == "procedural":
         faces = ProceduralFaces(data.procedural_identities, data.procedural_images, data.procedural_seed, config.model.input_size)
         split = data.procedural_identities - train.val_identities
@@ -83,7 +86,7 @@ def build_data(config: Config) -> DataBundle:
             split = json.loads(Path(data.split_file).read_text())
             names, held_out = split["train"], split.get("test")
         if names is None:
-            names = sorted(p.name for p in Path(data.path).iterdir() if p.is_dir())
+            names = identity_names(data.path, data.recursive)
         keep = len(names) - train.val_identities
         if train.val_identities or held_out is None:
             held_out = names[keep:] or None
@@ -94,9 +97,10 @@ def build_data(config: Config) -> DataBundle:
         if held_out:
             holdout = ImageFolderDataset(data.path, identities=held_out, recursive=data.recursive, **common)
         if data.extra_paths:
-            extra = [ImageFolderDataset(path, transform=transform, recursive=data.recursive, **common, **clean)
-                     for path in data.extra_paths]
+            extra, extra_held = extra_folders(data, transform, common, clean)
             dataset = ConcatFaceDataset([dataset, *extra])
+            if extra_held:
+                holdout = ConcatFaceDataset([holdout, *extra_held]) if holdout is not None else ConcatFaceDataset(extra_held)
     elif data.source == "recordio":
         if data.path is None:
             raise ConfigError("data.source=recordio needs data.path (the .rec file)")
@@ -114,6 +118,33 @@ def build_data(config: Config) -> DataBundle:
     if holdout is not None:
         validation = OcclusionPairs.build(holdout, synthesizer, train.val_pairs, seed=train.seed + 1)
     return DataBundle(dataset, holdout, validation, synthesizer)
+
+
+def identity_names(root: str | Path, recursive: bool) -> list[str]:
+    """The identity folders of ``root`` that hold images, by name (folders of other files, such as
+    CFP's Protocol/, are not identities)."""
+    return sorted(ImageFolderDataset(root, validate=False, recursive=recursive).identities)
+
+
+def extra_folders(data, transform, common: dict, clean: dict) -> tuple[list[FaceDataset], list[FaceDataset]]:
+    """``data.extra_paths`` as training datasets and, with ``data.extra_val_identities`` = N, the last N
+    identity folders (by name) of each as validation datasets, held out of training."""
+    held_count = data.extra_val_identities
+    if held_count < 0:
+        raise ConfigError(f"data.extra_val_identities={held_count}: expected a count of identities, 0 or more")
+    train_sets, held_sets = [], []
+    for path in data.extra_paths:
+        names = None
+        if held_count:
+            names = identity_names(path, data.recursive)
+            if len(names) - held_count < 1:
+                raise ConfigError(f"{path}: data.extra_val_identities={held_count} would hold out all of its "
+                                  f"{len(names)} identities")
+            held_sets.append(ImageFolderDataset(path, identities=names[-held_count:], recursive=data.recursive, **common))
+            names = names[:-held_count]
+        train_sets.append(ImageFolderDataset(path, identities=names, transform=transform, recursive=data.recursive,
+                                             **common, **clean))
+    return train_sets, held_sets
 
 
 def parameter_groups(module: MultiTaskModule, config: Config) -> list[dict]:
