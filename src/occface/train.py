@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .config import Config, ConfigError, load_config, save_config
+from .config import Config, ConfigError, DataSection, load_config, save_config
 from .data import (ConcatFaceDataset, FaceDataset, IdentityBalancedSampler, ImageFolderDataset, OcclusionDataset,
                    OcclusionSynthesizer, ProceduralFaceDataset, ProceduralFaces, RecordIODataset, SynthesizeOcclusion,
                    adaface_augmentation)
@@ -126,7 +126,7 @@ def identity_names(root: str | Path, recursive: bool) -> list[str]:
     return sorted(ImageFolderDataset(root, validate=False, recursive=recursive).identities)
 
 
-def extra_folders(data, transform, common: dict, clean: dict) -> tuple[list[FaceDataset], list[FaceDataset]]:
+def extra_folders(data: DataSection, transform, common: dict, clean: dict) -> tuple[list[FaceDataset], list[FaceDataset]]:
     """``data.extra_paths`` as training datasets and, with ``data.extra_val_identities`` = N, the last N
     identity folders (by name) of each as validation datasets, held out of training."""
     held_count = data.extra_val_identities
