@@ -267,7 +267,10 @@ def test_extra_val_identities_hold_people_of_every_extra_folder_out_of_training(
     plain = build_data(tiny_config(tmp_path, *folder))
     assert sorted(plain.train.identities) == ["alice", "d01", "d02", "d03", "d04"]
     assert sorted(plain.holdout.identities) == ["bob", "carol"]
-    with pytest.raises(ConfigError, match=r"extra.*would hold out all of its 4 identities"):
+    with pytest.raises(ConfigError, match=r"extra: data.extra_val_identities=4: .*at least one of the 4 identities"):
         build_data(tiny_config(tmp_path, *folder, "data.extra_val_identities=4"))
+    # The same check for data.path's own validation people (it used to train on a wrong slice).
+    with pytest.raises(ConfigError, match=r"faces: train.val_identities=3: .*at least one of the 3 identities"):
+        build_data(tiny_config(tmp_path, *folder[:3], "train.val_identities=3"))
     with pytest.raises(ConfigError, match="needs data.source=folder and data.extra_paths"):
         build_data(tiny_config(tmp_path, "data.extra_val_identities=1"))

@@ -87,12 +87,9 @@ def build_data(config: Config) -> DataBundle:
             names, held_out = split["train"], split.get("test")
         if names is None:
             names = identity_names(data.path, data.recursive)
-        keep = len(names) - train.val_identities
         if train.val_identities or held_out is None:
-            held_out = names[keep:] or None
-        else:
-            keep = len(names)
-        dataset = ImageFolderDataset(data.path, identities=names[:keep], transform=transform,
+            names, held_out = hold_out_last(names, train.val_identities, f"{data.path}: train.val_identities")
+        dataset = ImageFolderDataset(data.path, identities=names, transform=transform,
                                      recursive=data.recursive, **common, **clean)
         if held_out:
             holdout = ImageFolderDataset(data.path, identities=held_out, recursive=data.recursive, **common)
@@ -126,22 +123,25 @@ def identity_names(root: str | Path, recursive: bool) -> list[str]:
     return sorted(ImageFolderDataset(root, validate=False, recursive=recursive).identities)
 
 
+def hold_out_last(names: list[str], count: int, where: str) -> tuple[list[str], list[str]]:
+    """Identity names -> (those that train, the last ``count`` held out for validation); at least
+    one must train."""
+    if not 0 <= count < len(names):
+        raise ConfigError(f"{where}={count}: expected 0 or more, leaving at least one of the {len(names)} "
+                          f"identities to train on")
+    return names[:len(names) - count], names[len(names) - count:]
+
+
 def extra_folders(data: DataSection, transform, common: dict, clean: dict) -> tuple[list[FaceDataset], list[FaceDataset]]:
     """``data.extra_paths`` as training datasets and, with ``data.extra_val_identities`` = N, the last N
     identity folders (by name) of each as validation datasets, held out of training."""
-    held_count = data.extra_val_identities
-    if held_count < 0:
-        raise ConfigError(f"data.extra_val_identities={held_count}: expected a count of identities, 0 or more")
     train_sets, held_sets = [], []
     for path in data.extra_paths:
-        names = None
-        if held_count:
-            names = identity_names(path, data.recursive)
-            if len(names) - held_count < 1:
-                raise ConfigError(f"{path}: data.extra_val_identities={held_count} would hold out all of its "
-                                  f"{len(names)} identities")
-            held_sets.append(ImageFolderDataset(path, identities=names[-held_count:], recursive=data.recursive, **common))
-            names = names[:-held_count]
+        names = None  # every identity folder
+        if data.extra_val_identities:
+            names, held = hold_out_last(identity_names(path, data.recursive), data.extra_val_identities,
+                                        f"{path}: data.extra_val_identities")
+            held_sets.append(ImageFolderDataset(path, identities=held, recursive=data.recursive, **common))
         train_sets.append(ImageFolderDataset(path, identities=names, transform=transform, recursive=data.recursive,
                                              **common, **clean))
     return train_sets, held_sets
