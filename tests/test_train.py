@@ -1,4 +1,5 @@
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -274,3 +275,33 @@ def test_extra_val_identities_hold_people_of_every_extra_folder_out_of_training(
         build_data(tiny_config(tmp_path, *folder[:3], "train.val_identities=3"))
     with pytest.raises(ConfigError, match="needs data.source=folder and data.extra_paths"):
         build_data(tiny_config(tmp_path, "data.extra_val_identities=1"))
+
+
+def test_identities_of_extra_folders_merge_by_name_unless_told_apart(tmp_path, face_folder, caplog):
+    """Same-named identity folders of data.path and data.extra_paths are one person by default (and
+    the log says how many); `data.merge_identities=false` keeps each folder's people apart, in
+    training and validation; a folder named twice is an error."""
+    rng = np.random.default_rng(2)
+    extra = tmp_path / "numbered"
+    for identity in ("alice", "bob", "dave", "erin"):  # numbered datasets collide like this
+        for index in range(2):
+            write_png(extra / identity / f"{index}.png", rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))
+    folder = ["data.source=folder", f"data.path={face_folder}", f"data.extra_paths=[{extra}]", "train.val_identities=1"]
+    with caplog.at_level(logging.INFO, logger="occface.data.datasets"):
+        merged = build_data(tiny_config(tmp_path, *folder, "data.extra_val_identities=1"))
+    assert merged.train.num_classes == 3  # alice, bob (merged across the two folders), dave
+    assert "2 identity names occur in more than one dataset" in caplog.text
+    apart = build_data(tiny_config(tmp_path, *folder, "data.extra_val_identities=1", "data.merge_identities=false"))
+    assert apart.train.num_classes == 2 + 3
+    assert sorted(apart.train.identities) == sorted([f"{face_folder}/alice", f"{face_folder}/bob", f"{extra}/alice",
+                                                     f"{extra}/bob", f"{extra}/dave"])
+    assert sorted(apart.holdout.identities) == [f"{face_folder}/carol", f"{extra}/erin"]
+    labels = [apart.train.targets[i] for i in range(len(apart.train))]
+    assert labels.count(apart.train.identities.index(f"{extra}/alice")) == 2
+    (extra / "erin").rename(extra / "carol")  # carol validates in data.path and would train from the extra folder
+    with pytest.raises(ConfigError, match=r"1 validation identities also train \(carol\)"):
+        build_data(tiny_config(tmp_path, *folder))
+    kept_apart = build_data(tiny_config(tmp_path, *folder, "data.extra_val_identities=1", "data.merge_identities=false"))
+    assert f"{extra}/carol" in kept_apart.train.identities and kept_apart.train.num_classes == 2 + 3
+    with pytest.raises(ConfigError, match="name a folder twice"):
+        build_data(tiny_config(tmp_path, *folder[:2], f"data.extra_paths=[{extra}, {extra}/]"))

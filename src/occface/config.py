@@ -57,6 +57,7 @@ class DataSection:
     split_file: str | None = None  # JSON with "train" (and "test": validation) identities, e.g. faces112_split.json
     extra_paths: list[str] = field(default_factory=list)  # more identity folders, merged by identity name
     extra_val_identities: int = 0  # the last N identity folders of each extra path validate instead of training
+    merge_identities: bool = True  # same-named identity folders of data.path and extra_paths are one person (false: '<path>/<name>')
     recursive: bool = False  # take images in sub-folders of each identity folder (CFP: frontal/, profile/)
     extra_occlusion_path: str | None = None  # real occluded faces with masks (manifest), merged by identity
     procedural_identities: int = 40

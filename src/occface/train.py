@@ -95,9 +95,16 @@ def build_data(config: Config) -> DataBundle:
             holdout = ImageFolderDataset(data.path, identities=held_out, recursive=data.recursive, **common)
         if data.extra_paths:
             extra, extra_held = extra_folders(data, transform, common, clean)
-            dataset = ConcatFaceDataset([dataset, *extra])
+            paths = [data.path, *data.extra_paths]
+            if len({str(Path(p).resolve()) for p in paths}) < len(paths):
+                raise ConfigError(f"data.path and data.extra_paths name a folder twice: {paths}")
+            namespaces = None if data.merge_identities else paths
+            dataset = ConcatFaceDataset([dataset, *extra], namespaces)
             if extra_held:
-                holdout = ConcatFaceDataset([holdout, *extra_held]) if holdout is not None else ConcatFaceDataset(extra_held)
+                if holdout is not None:
+                    holdout = ConcatFaceDataset([holdout, *extra_held], namespaces)
+                else:
+                    holdout = ConcatFaceDataset(extra_held, None if namespaces is None else namespaces[1:])
     elif data.source == "recordio":
         if data.path is None:
             raise ConfigError("data.source=recordio needs data.path (the .rec file)")
@@ -112,6 +119,9 @@ def build_data(config: Config) -> DataBundle:
         extra = OcclusionDataset(data.extra_occlusion_path, transform=augment, **common, **clean)
         dataset = ConcatFaceDataset([dataset, extra])
     validation = None
+    if holdout is not None and (both := sorted(set(dataset.identities) & set(holdout.identities))):
+        raise ConfigError(f"{len(both)} validation identities also train ({', '.join(both[:3])}): same-named "
+                          "identity folders are one person; data.merge_identities=false keeps folders apart")
     if holdout is not None:
         validation = OcclusionPairs.build(holdout, synthesizer, train.val_pairs, seed=train.seed + 1)
     return DataBundle(dataset, holdout, validation, synthesizer)

@@ -1,7 +1,7 @@
 """Identity and occlusion datasets.
 
-Every dataset yields :class:`FaceSample` items: the image ``[3, S, S]`` normalised as AdaFace does
-in the dataset's colour order, the identity label (``-1`` where unknown), the ground-truth
+Every dataset yields :class:`FaceSample` items: the image ``[3, S, S]`` as RGB in [0, 1] (the model
+applies its own input convention), the identity label (``-1`` where unknown), the ground-truth
 visibility mask ``[1, S, S]`` at image resolution (all ones for a clean face) and whether the face
 is occluded. Problems with the files are found when a dataset is opened (a validation pass) and
 reported together, each naming its file.
@@ -119,6 +119,19 @@ class FaceDataset(Dataset, abc.ABC):
 def _identity_index(names: Sequence[str]) -> tuple[list[str], dict[str, int]]:
     identities = sorted(set(names))
     return identities, {name: i for i, name in enumerate(identities)}
+
+
+def _log_shared_names(per_dataset: Sequence[Sequence[str]]) -> None:
+    """Say how many identity names two or more datasets share: they become one person each."""
+    seen: set[str] = set()
+    shared: set[str] = set()
+    for names in per_dataset:
+        unique = set(names)
+        shared |= seen & unique
+        seen |= unique
+    if shared:
+        log.info("%d identity names occur in more than one dataset and are merged into one person each "
+                 "(e.g. %s)", len(shared), ", ".join(sorted(shared)[:3]))
 
 
 class ImageFolderDataset(FaceDataset):
@@ -262,21 +275,29 @@ def read_occlusion_layout(root: Path) -> tuple[list[tuple[Path, Path | None, str
 
 
 class ConcatFaceDataset(FaceDataset):
-    """Several face datasets as one, with identities merged by name (e.g. real occluded faces
-    from a manifest beside clean faces of the same people from an image folder)."""
+    """Several face datasets as one. Identities are merged by name (e.g. real occluded faces from a
+    manifest beside clean faces of the same people from an image folder); with ``namespaces`` (one
+    name a dataset) each dataset's people stay its own, as ``<namespace>/<identity>``."""
 
-    def __init__(self, datasets: Sequence[FaceDataset]) -> None:
+    def __init__(self, datasets: Sequence[FaceDataset], namespaces: Sequence[str] | None = None) -> None:
         if not datasets:
             raise ValueError("ConcatFaceDataset needs at least one dataset")
+        if namespaces is not None and len(set(namespaces)) != len(datasets):
+            raise ValueError(f"ConcatFaceDataset needs one distinct namespace a dataset, got {list(namespaces)} "
+                             f"for {len(datasets)} datasets")
         first = datasets[0]
         for other in datasets[1:]:
             if (other.input_size, other.clean_targets) != (first.input_size, first.clean_targets):
                 raise ValueError("datasets to concatenate must share input_size and clean_targets")
         super().__init__(first.input_size, None, first.seed, first.clean_targets)
         self.datasets = list(datasets)
-        names = [d.identities[t] for d in datasets for t in d.targets if t >= 0]
+        prefixes = [f"{n}/" for n in namespaces] if namespaces is not None else [""] * len(datasets)
+        per_dataset = [[prefix + name for name in d.identities] for d, prefix in zip(datasets, prefixes)]
+        if namespaces is None:
+            _log_shared_names(per_dataset)
+        names = [named[t] for d, named in zip(datasets, per_dataset) for t in d.targets if t >= 0]
         self.identities, index = _identity_index(names)
-        self.targets = [index[d.identities[t]] if t >= 0 else -1 for d in datasets for t in d.targets]
+        self.targets = [index[named[t]] if t >= 0 else -1 for d, named in zip(datasets, per_dataset) for t in d.targets]
         self.occluded_flags = [flag for d in datasets for flag in d.occluded_flags]
         self.offsets = np.cumsum([0] + [len(d) for d in datasets])
 
