@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from occface.export import export_onnx
-from occface.models import ModelConfig, OccFaceModel
+from occface.models import ModelConfig, OccFaceModel, measure_batchnorm
 from occface.onnx_model import OPTIMIZATIONS, OnnxFaceModel
 from occface.precision import cpu_bf16_support
 from occface.scoring import network_input
@@ -36,18 +36,6 @@ def faces_per_second(run: Callable[[], object], batch: int, seconds: float) -> f
             return batch * count / elapsed
 
 
-def with_measured_batchnorm(model: OccFaceModel) -> OccFaceModel:
-    """Batch-norm statistics measured on random faces, so activations keep a trained network's
-    scale (a fresh deep IR net's grow by orders of magnitude: other numbers, other kernels' speed)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None
-    with torch.no_grad():
-        model.train()(torch.rand(32, 3, 112, 112))
-    return model.eval()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", nargs="+", default=["ir_18", "ir_50", "mobilefacenet"])
@@ -61,7 +49,8 @@ def main() -> None:
     print("\n| backbone | batch | runtime | faces/s | vs eager fp32 |\n|---|---|---|---|---|")
     for arch in args.arch:
         torch.manual_seed(0)
-        model = with_measured_batchnorm(OccFaceModel(ModelConfig(arch=arch, feature_level=args.level)))
+        # batch-norm statistics of random faces: a trained network's activation scale, its kernels' speed
+        model = measure_batchnorm(OccFaceModel(ModelConfig(arch=arch, feature_level=args.level)), torch.rand(32, 3, 112, 112))
         with tempfile.TemporaryDirectory() as folder:
             model_dir = model.save_pretrained(folder)
             exported = export_onnx(model_dir)

@@ -119,3 +119,20 @@ def test_gradients_reach_the_backbone_from_head_and_qaconv(feature_level):
     loss = torch.nn.functional.binary_cross_entropy_with_logits(scores, torch.eye(4))
     first_grad, tapped_grad = torch.autograd.grad(loss, [first_conv, tapped_unit])
     assert first_grad.abs().sum() > 0 and tapped_grad.abs().sum() > 0
+
+
+def test_measure_batchnorm_sets_exact_statistics_of_the_images():
+    """After one pass, every BatchNorm layer holds the mean and (unbiased) variance of its input
+    over the given images; its momentum is what it was, the weights are untouched, eval mode."""
+    from occface.models import measure_batchnorm
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.3))
+    net[1].running_mean.fill_(5.0)
+    weight = net[0].weight.clone()
+    images = torch.rand(6, 3, 8, 8) * 3
+    assert measure_batchnorm(net, images) is net and not net.training
+    inner = net[0](images).detach()
+    assert torch.allclose(net[1].running_mean, inner.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(net[1].running_var, inner.transpose(0, 1).flatten(1).var(1), atol=1e-5)
+    assert net[1].momentum == 0.3 and torch.equal(net[0].weight, weight)

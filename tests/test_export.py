@@ -14,7 +14,7 @@ from occface.data.images import read_image, to_tensor  # noqa: E402
 from occface.data.procedural import ProceduralFaces  # noqa: E402
 from occface.errors import InputError  # noqa: E402
 from occface.export import PARITY_TOLERANCE, export_onnx, parity  # noqa: E402
-from occface.models import ARCHITECTURES, ModelConfig, OccFaceModel, load_pretrained  # noqa: E402
+from occface.models import ARCHITECTURES, ModelConfig, OccFaceModel, load_pretrained, measure_batchnorm  # noqa: E402
 from occface.onnx_model import GRAPH_FILE, OnnxFaceModel, load_face_model  # noqa: E402
 
 from conftest import SHARED_DATA, SHARED_MODELS, write_png  # noqa: E402
@@ -29,17 +29,9 @@ def procedural_faces(count: int = 6) -> torch.Tensor:
 
 
 def settled(model: OccFaceModel, seed: int = 0) -> OccFaceModel:
-    """Batch-norm statistics measured on faces, as in any trained network: a freshly initialised
-    deep IR net's activations otherwise grow by orders of magnitude from block to block."""
+    """Batch-norm statistics measured on faces and noise, as in any trained network."""
     torch.manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None  # a cumulative average
-    model.train()
-    with torch.no_grad():
-        model(torch.cat((procedural_faces(8), torch.rand(8, 3, 112, 112))))
-    return model.eval()
+    return measure_batchnorm(model, torch.cat((procedural_faces(8), torch.rand(8, 3, 112, 112))))
 
 
 def saved_model(tmp_path, arch: str, level: str, name: str = "model") -> tuple[OccFaceModel, object]:

@@ -1,5 +1,6 @@
 """occface models: IR and MobileFaceNet backbones, the occlusion head, the QAConv matcher, the whole
 model, input conventions and pretrained-weight loading."""
+from .batchnorm import measure_batchnorm
 from .backbone import FEATURE_LEVELS, INPUT_SIZES, STAGE_UNITS, Backbone, BackboneOutput, IRUnit, SqueezeExcite
 from .checkpoint import CheckpointError, describe_backbone_state, load_adaface_checkpoint, read_state_dict
 from .convention import ADAFACE_INPUT, IMAGENET_INPUT, InputConvention, InputNormalization, check_color_space
@@ -34,5 +35,6 @@ __all__ = [
     "describe_backbone_state",
     "load_adaface_checkpoint",
     "load_pretrained",
+    "measure_batchnorm",
     "read_state_dict",
 ]
