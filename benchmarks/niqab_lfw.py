@@ -18,13 +18,15 @@ From a pretrained network (``--pretrained``, ``configs/finetune_mobilefacenet.ya
 1. Fine-tune the full model (occlusion head, QAConv, fusion; distillation from the frozen original)
    and, on the same data for the same steps, the embedding-only baseline (distillation alone: the
    student's embedding of the occluded face towards the original's embedding of the clean face).
+   The config's recipe: every layer, 705 steps of 64 faces, constant learning rate, no augmentation
+   beyond the overlays, QAConv on block 4's 7x7 maps.
 2. Evaluate on LFW's official pairs, clean and with niqab / medical-mask overlays on one or both
    faces: the untouched network, the baseline and the four sources of the full model, with paired-
    bootstrap intervals. ``--held-out-occluders`` adds the procedural niqab and mask, which training
    never saw.
 
     python benchmarks/niqab_lfw.py --data ../shared/data --pretrained ../shared/models/mobilefacenet_ms1m.pt \\
-        --out runs/niqab_lfw_pretrained [--seed N] [--steps 700] [--held-out-occluders]
+        --out runs/niqab_lfw_pretrained [--seed N] [--steps N] [--held-out-occluders]
 
 Writes DIR/metrics.json, DIR/report.md (pretrained mode: DIR/pretrained.json and the models in
 DIR/full/model and DIR/baseline/model).

@@ -48,8 +48,10 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
 
 
 def test_shipped_configs_load():
-    for name in ("demo_cpu.yaml", "ir50_block4.yaml", "ir50_block3.yaml", "finetune_adaface.yaml"):
-        load_config(default_config_path(name))
+    shipped = sorted(default_config_path().parent.glob("*.yaml"))
+    assert {"demo_cpu.yaml", "finetune_adaface.yaml", "finetune_mobilefacenet.yaml"} <= {p.name for p in shipped}
+    for path in shipped:
+        load_config(path)
 
 
 @pytest.mark.parametrize("width", ["0.125", "0.25"])
