@@ -98,13 +98,14 @@ def build_data(config: Config) -> DataBundle:
             paths = [data.path, *data.extra_paths]
             if len({str(Path(p).resolve()) for p in paths}) < len(paths):
                 raise ConfigError(f"data.path and data.extra_paths name a folder twice: {paths}")
-            namespaces = None if data.merge_identities else paths
-            dataset = ConcatFaceDataset([dataset, *extra], namespaces)
+
+            def concat(parts: list[tuple[FaceDataset, str]]) -> ConcatFaceDataset:  # (dataset, its folder)
+                return ConcatFaceDataset([d for d, _ in parts], None if data.merge_identities else [p for _, p in parts])
+
+            dataset = concat([(dataset, data.path), *zip(extra, data.extra_paths)])
             if extra_held:
-                if holdout is not None:
-                    holdout = ConcatFaceDataset([holdout, *extra_held], namespaces)
-                else:
-                    holdout = ConcatFaceDataset(extra_held, None if namespaces is None else namespaces[1:])
+                own = [(holdout, data.path)] if holdout is not None else []
+                holdout = concat([*own, *zip(extra_held, data.extra_paths)])
     elif data.source == "recordio":
         if data.path is None:
             raise ConfigError("data.source=recordio needs data.path (the .rec file)")
