@@ -269,3 +269,36 @@ def test_frozen_backbone_statistics_and_teacher_stay_in_eval_mode():
 
     with pytest.raises(ConfigError, match="names no backbone layer"):
         module.freeze_backbone_before("features.5")
+
+
+def test_the_teacher_in_onnx_runtime_gives_the_same_targets(tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'occface[onnx]')")
+    from occface.objective import MultiTaskModule
+
+    config = load_config(default_config_path(), ["model.arch=ir_18", "model.width=0.125", "loss.distill_weight=1.0",
+                                                 "loss.distill_map_weight=1.0"])
+    make = lambda: OccFaceModel(ModelConfig(arch="ir_18", width=0.125, occlusion_hidden_channels=8))  # noqa: E731
+    torch.manual_seed(0)
+    module = MultiTaskModule(make(), 4, config, teacher=perturbed(make(), seed=1)).eval()
+    images, clean = torch.rand(2, 6, 3, 112, 112)
+    labels, masks = torch.tensor([0, 0, 1, 1, 2, 2]), torch.ones(6, 1, 112, 112)
+    eager = module(images, labels, masks, clean)
+    graph = module.use_onnx_teacher(tmp_path / "teacher")
+    assert graph.is_file() and module.teacher is not None  # the weights stay: checkpoints do not change
+    onnx = module(images, labels, masks, clean)
+    assert eager["distill"] > 0.01 and eager["distill_map"] > 0.01
+    for term in ("distill", "distill_map"):
+        torch.testing.assert_close(onnx[term], eager[term], atol=1e-4, rtol=1e-4)
+
+
+def test_finetuning_with_the_teacher_in_onnx_runtime(tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'occface[onnx]')")
+    saved_mobilefacenet(tmp_path / "mfn.pt")
+    config = load_config(default_config_path(), [*FINETUNE, f"model.pretrained={tmp_path / 'mfn.pt'}",
+                                                  "loss.teacher_runtime=onnx", "train.max_steps=2",
+                                                  f"train.out_dir={tmp_path / 'run'}"])
+    trainer = Trainer(config)
+    assert trainer.fit()["steps"] == 2
+    assert trainer.module.teacher_onnx is not None and (tmp_path / "run" / "teacher" / "model.onnx").is_file()
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)  # RNG states
+    assert any(key.startswith("teacher.") for key in checkpoint["module"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +48,25 @@ class MultiTaskModule(nn.Module):
         self.pair_loss = QAConvPairLoss(model.qaconv, loss.triplet_margin)
         self.mask_mode = loss.mask_downsampling
         self.teacher = teacher.requires_grad_(False).eval() if teacher is not None else None
+        self.teacher_onnx = None  # the teacher's network in ONNX Runtime: use_onnx_teacher
         self.distill_maps = loss.distill_map_weight > 0
         self.backbone_frozen = False
         self.frozen_layers: list[nn.Module] = []
+
+    def use_onnx_teacher(self, folder: Path) -> Path:
+        """Compute the teacher's targets in ONNX Runtime from now on: the teacher is saved to
+        ``folder`` and exported there (the export checks the graph against PyTorch). Its weights stay
+        in this module too, so checkpoints are the same whichever runtime computed the targets.
+        Returns the graph's path."""
+        from .export import export_onnx
+        from .onnx_model import load_face_model
+
+        if self.teacher is None:
+            raise ConfigError("loss.teacher_runtime=onnx needs a teacher (loss.distill_weight or distill_map_weight > 0)")
+        self.teacher.save_pretrained(folder)
+        result = export_onnx(folder)
+        self.teacher_onnx = load_face_model(folder, "onnx")
+        return result.path
 
     def freeze_backbone_before(self, prefix: str) -> list[str]:
         """Freeze the backbone's layers registered before the first parameter named ``prefix...``
@@ -89,8 +106,12 @@ class MultiTaskModule(nn.Module):
         if self.active["qaconv"]:
             terms["qaconv"], terms["pair_accuracy"] = self.pair_loss(out.feature_map, labels, out.occlusion.detach())
         if self.teacher is not None:
+            source = clean if clean is not None else images
             with torch.no_grad():
-                target = self.teacher.backbone(self.teacher.normalize(clean if clean is not None else images))
+                if self.teacher_onnx is not None:  # RGB in [0, 1]; the graph applies the convention
+                    target = self.teacher_onnx(source)  # fp32, on the CPU (the only device it runs on)
+                else:
+                    target = self.teacher.backbone(self.teacher.normalize(source))
             terms["distill"] = embedding_distillation(out.embedding, target.embedding)
             if self.distill_maps:
                 visible = downsample_mask(masks, tuple(out.feature_map.shape[-2:]), self.mask_mode)

@@ -309,6 +309,11 @@ class Trainer:
         if config.model.freeze_backbone:
             model.backbone.requires_grad_(False)
         self.module = MultiTaskModule(model, dataset.num_classes, config, teacher)
+        if config.loss.teacher_runtime == "onnx":
+            if fabric.device.type != "cpu":
+                raise ConfigError(f"loss.teacher_runtime=onnx runs the teacher on the CPU; this run trains on {fabric.device}")
+            folder = Path(config.train.out_dir) / (f"teacher.rank{fabric.global_rank}" if fabric.world_size > 1 else "teacher")
+            log.info("teacher in ONNX Runtime: %s", self.module.use_onnx_teacher(folder))
         if config.model.train_from:
             self.module.freeze_backbone_before(config.model.train_from)
         if config.loss.head_init == "class_means" and not self.resume:
