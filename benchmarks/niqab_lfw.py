@@ -35,6 +35,7 @@ DIR/full/model and DIR/baseline/model).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -42,6 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from occface.config import load_config
 from occface.demo import default_config_path
@@ -93,8 +95,6 @@ def from_scratch(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- from a pretrained network
 def concat_features(parts: list[Features]) -> Features:
-    import torch
-
     return Features(*(torch.cat([getattr(p, name) for p in parts]) for name in ("embedding", "feature_map", "occlusion",
                                                                                 "occluded")))
 
@@ -139,7 +139,11 @@ def score_conditions(model, features: Features, conditions: dict, issame: np.nda
         else:
             group = [(condition, pairs, types), ("clean", *conditions["clean"])]
         all_pairs = np.concatenate([g[1] for g in group])
-        scores = pair_scores(model, features, all_pairs, weight)
+        if sources == ("embedding",):  # the untouched network and the baseline: no QAConv to score
+            first, second = torch.as_tensor(all_pairs[:, 0]), torch.as_tensor(all_pairs[:, 1])
+            scores = {"embedding": (features.embedding[first] * features.embedding[second]).sum(1).numpy()}
+        else:
+            scores = pair_scores(model, features, all_pairs, weight)
         own = slice(0, len(pairs))
         raw[condition] = {s: scores[s][own] for s in sources}
         metrics[condition] = {s: m["all"] for s, m in evaluate_pairs(raw[condition], issame, types, folds).items()}
@@ -193,10 +197,17 @@ def pretrained(args: argparse.Namespace) -> int:
     table, raw, speed = {}, {}, {}
     for name, model in models.items():
         tick = time.perf_counter()
-        features = concat_features([extract_features(model, d, 64, precision=precision, progress=True) for d in datasets])
+        sources = ("embedding", "qaconv", "qaconv_weighted", "fused") if name == "full" else ("embedding",)
+        features = None  # the previous model's, freed before this one's are extracted
+        parts = []
+        for dataset in datasets:
+            part = extract_features(model, dataset, 64, precision=precision, progress=True)
+            # Only the full model's feature maps are scored (7,701 faces: 0.8 GB a condition).
+            parts.append(part if name == "full" else dataclasses.replace(part, feature_map=part.feature_map[:0]))
+        features = concat_features(parts)
+        del parts
         count = sum(len(d) for d in datasets)
         speed[name] = count / (time.perf_counter() - tick)
-        sources = ("embedding", "qaconv", "qaconv_weighted", "fused") if name == "full" else ("embedding",)
         metrics, scores = score_conditions(model, features, conditions, issame, folds, sources)
         for condition in conditions:
             for source in sources:

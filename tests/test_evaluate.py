@@ -339,3 +339,26 @@ def test_match_rejects_unaligned_images(tmp_path):
     write_png(tmp_path / "big.png", np.zeros((250, 250, 3), np.uint8))
     with pytest.raises(DataError, match=r"big.png: expected a face aligned to the 112x112 ArcFace template.*got 250x250"):
         FaceReader(112, "aligned")(tmp_path / "big.png")
+
+
+def test_pair_scores_in_chunks_equal_each_pair_scored_alone(monkeypatch):
+    import occface.scoring as scoring
+
+    model = OccFaceModel(ModelConfig(arch="ir_18", width=0.125, occlusion_hidden_channels=8)).eval()
+    generator = torch.Generator().manual_seed(0)
+    count = 9
+    features = Features(torch.nn.functional.normalize(torch.randn(count, 512, generator=generator), dim=1),
+                        torch.randn(count, model.qaconv.num_features, 7, 7, generator=generator),
+                        torch.rand(count, 1, 7, 7, generator=generator),
+                        torch.zeros(count, dtype=torch.bool))
+    pairs = np.array([[0, 1], [2, 3], [4, 5], [6, 7], [8, 0], [1, 8], [3, 3]])
+    monkeypatch.setattr(scoring, "PAIR_CHUNK", 3)
+    chunked = scoring.pair_scores(model, features, pairs, precision="fp32")
+    qaconv = scoring.cpu_matcher(model)
+    for k, (i, j) in enumerate(pairs):
+        plain = qaconv.score_pairs(features.feature_map[[i]], features.feature_map[[j]])
+        weighted = qaconv.score_pairs(features.feature_map[[i]], features.feature_map[[j]],
+                                      features.occlusion[[i]], features.occlusion[[j]])
+        assert chunked["qaconv"][k] == pytest.approx(plain.item(), abs=1e-5)
+        assert chunked["qaconv_weighted"][k] == pytest.approx(weighted.item(), abs=1e-5)
+    assert len(chunked["fused"]) == len(pairs)

@@ -109,6 +109,9 @@ def matcher_dtype(qaconv, feature_map: torch.Tensor, precision: str) -> torch.dt
                          bf16_run=lambda: qaconv.score_pairs(block, block.flip(0), dtype=torch.bfloat16))
 
 
+PAIR_CHUNK = 2048  # pairs scored together by pair_scores
+
+
 def pair_scores(model: OccFaceModel, features: Features, pairs: np.ndarray, fusion_weight: FusionWeight = 0.5,
                 normalization: dict | None = None, precision: str = "auto") -> dict[str, np.ndarray]:
     """Scores of every source for pairs [N, 2] of feature indices. ``fused`` z-scores the
@@ -119,11 +122,17 @@ def pair_scores(model: OccFaceModel, features: Features, pairs: np.ndarray, fusi
     left, right = torch.as_tensor(pairs[:, 0]), torch.as_tensor(pairs[:, 1])
     qaconv = cpu_matcher(model)
     dtype = matcher_dtype(qaconv, features.feature_map, precision)
+    maps, occlusion = features.feature_map, features.occlusion
+    plain, weighted = [], []
+    # Pairs in chunks, so only one chunk's gathered feature maps exist at a time (12,000 pairs of
+    # 7x7x512 maps gathered at once would be 2.4 GB).
+    for i, j in zip(left.split(PAIR_CHUNK), right.split(PAIR_CHUNK)):
+        plain.append(qaconv.score_pairs(maps[i], maps[j], dtype=dtype))
+        weighted.append(qaconv.score_pairs(maps[i], maps[j], occlusion[i], occlusion[j], dtype=dtype))
     scores = {
         "embedding": (features.embedding[left] * features.embedding[right]).sum(1).numpy(),
-        "qaconv": qaconv.score_pairs(features.feature_map[left], features.feature_map[right], dtype=dtype).numpy(),
-        "qaconv_weighted": qaconv.score_pairs(features.feature_map[left], features.feature_map[right],
-                                              features.occlusion[left], features.occlusion[right], dtype=dtype).numpy(),
+        "qaconv": torch.cat(plain).numpy() if plain else np.zeros(0, np.float32),
+        "qaconv_weighted": torch.cat(weighted).numpy() if weighted else np.zeros(0, np.float32),
     }
     rule = normalization or strata_rule(model)
     strata = pair_strata(features, pairs, rule)
