@@ -35,7 +35,6 @@ DIR/full/model and DIR/baseline/model).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys
@@ -47,7 +46,8 @@ import torch
 
 from occface.config import load_config
 from occface.demo import default_config_path
-from occface.scoring import calibrated_fusion_weight, describe_fusion_weight, extract_features, Features, pair_scores
+from occface.scoring import (calibrated_fusion_weight, describe_fusion_weight, embedding_scores, extract_features,
+                             Features, pair_scores)
 from occface.metrics import compare_sources, evaluate_pairs
 from occface.reports import comparison_table, summary_table
 from occface.evaluate import run_eval, VariantDataset
@@ -140,8 +140,7 @@ def score_conditions(model, features: Features, conditions: dict, issame: np.nda
             group = [(condition, pairs, types), ("clean", *conditions["clean"])]
         all_pairs = np.concatenate([g[1] for g in group])
         if sources == ("embedding",):  # the untouched network and the baseline: no QAConv to score
-            first, second = torch.as_tensor(all_pairs[:, 0]), torch.as_tensor(all_pairs[:, 1])
-            scores = {"embedding": (features.embedding[first] * features.embedding[second]).sum(1).numpy()}
+            scores = {"embedding": embedding_scores(features, all_pairs)}
         else:
             scores = pair_scores(model, features, all_pairs, weight)
         own = slice(0, len(pairs))
@@ -199,13 +198,8 @@ def pretrained(args: argparse.Namespace) -> int:
         tick = time.perf_counter()
         sources = ("embedding", "qaconv", "qaconv_weighted", "fused") if name == "full" else ("embedding",)
         features = None  # the previous model's, freed before this one's are extracted
-        parts = []
-        for dataset in datasets:
-            part = extract_features(model, dataset, 64, precision=precision, progress=True)
-            # Only the full model's feature maps are scored (7,701 faces: 0.8 GB a condition).
-            parts.append(part if name == "full" else dataclasses.replace(part, feature_map=part.feature_map[:0]))
-        features = concat_features(parts)
-        del parts
+        features = concat_features([extract_features(model, d, 64, precision=precision, progress=True,
+                                                     keep_maps=name == "full") for d in datasets])
         count = sum(len(d) for d in datasets)
         speed[name] = count / (time.perf_counter() - tick)
         metrics, scores = score_conditions(model, features, conditions, issame, folds, sources)

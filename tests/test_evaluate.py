@@ -362,3 +362,17 @@ def test_pair_scores_in_chunks_equal_each_pair_scored_alone(monkeypatch):
         assert chunked["qaconv"][k] == pytest.approx(plain.item(), abs=1e-5)
         assert chunked["qaconv_weighted"][k] == pytest.approx(weighted.item(), abs=1e-5)
     assert len(chunked["fused"]) == len(pairs)
+
+
+def test_features_without_maps_keep_the_same_embeddings():
+    from occface.scoring import embedding_scores, extract_features
+
+    model = OccFaceModel(ModelConfig(arch="ir_18", width=0.125, occlusion_hidden_channels=8))
+    dataset = ProceduralFaceDataset(ProceduralFaces(3, 2, seed=0))
+    full = extract_features(model, dataset, 4, precision="fp32")
+    lean = extract_features(model, dataset, 4, precision="fp32", keep_maps=False)
+    assert lean.feature_map.shape == (0, *full.feature_map.shape[1:])
+    torch.testing.assert_close(lean.embedding, full.embedding)
+    pairs = np.array([[0, 1], [2, 5]])
+    np.testing.assert_allclose(embedding_scores(lean, pairs), (full.embedding[[0, 2]] * full.embedding[[1, 5]]).sum(1).numpy(),
+                               rtol=1e-6)

@@ -52,10 +52,13 @@ class Features:
 
 @torch.inference_mode()
 def extract_features(model: OccFaceModel, dataset: Dataset, batch_size: int = 64, device: str | torch.device = "cpu",
-                     keep_masks: bool = False, progress: bool = False, precision: str = "auto") -> Features:
+                     keep_masks: bool = False, progress: bool = False, precision: str = "auto",
+                     keep_maps: bool = True) -> Features:
     """Run the model over a dataset of :class:`FaceSample`. Embeddings are fused with those of the
     mirrored images weighted by their norms (AdaFace's flip-and-norm fusion). ``precision``
-    (:mod:`occface.precision`): the network may run in bf16; everything kept is fp32."""
+    (:mod:`occface.precision`): the network may run in bf16; everything kept is fp32.
+    ``keep_maps=False``: feature maps are not kept (``feature_map`` is [0, C, H, W]), for scoring
+    embeddings alone (7,701 faces of 7x7x512 maps are 0.8 GB)."""
     from .precision import autocast, check_cpu_bf16, network_precision
 
     model = model.to(device).eval()
@@ -75,7 +78,8 @@ def extract_features(model: OccFaceModel, dataset: Dataset, batch_size: int = 64
         with autocast(chosen, device):
             out = model(images)
             parts["embedding"].append(model.fused_embedding(images, out).cpu())
-        parts["feature_map"].append(out.feature_map.float().cpu())
+        maps = out.feature_map
+        parts["feature_map"].append(maps.float().cpu() if keep_maps else torch.empty(0, *maps.shape[1:]))
         parts["occlusion"].append(out.occlusion.float().cpu())
         parts["occluded"].append(batch.occluded)
         if keep_masks:
@@ -112,6 +116,12 @@ def matcher_dtype(qaconv, feature_map: torch.Tensor, precision: str) -> torch.dt
 PAIR_CHUNK = 2048  # pairs scored together by pair_scores
 
 
+def embedding_scores(features: Features, pairs: np.ndarray) -> np.ndarray:
+    """Cosine of the (unit) embeddings of pairs [N, 2] of feature indices -> [N]."""
+    left, right = torch.as_tensor(pairs[:, 0]), torch.as_tensor(pairs[:, 1])
+    return (features.embedding[left] * features.embedding[right]).sum(1).numpy()
+
+
 def pair_scores(model: OccFaceModel, features: Features, pairs: np.ndarray, fusion_weight: FusionWeight = 0.5,
                 normalization: dict | None = None, precision: str = "auto") -> dict[str, np.ndarray]:
     """Scores of every source for pairs [N, 2] of feature indices. ``fused`` z-scores the
@@ -130,7 +140,7 @@ def pair_scores(model: OccFaceModel, features: Features, pairs: np.ndarray, fusi
         plain.append(qaconv.score_pairs(maps[i], maps[j], dtype=dtype))
         weighted.append(qaconv.score_pairs(maps[i], maps[j], occlusion[i], occlusion[j], dtype=dtype))
     scores = {
-        "embedding": (features.embedding[left] * features.embedding[right]).sum(1).numpy(),
+        "embedding": embedding_scores(features, pairs),
         "qaconv": torch.cat(plain).numpy() if plain else np.zeros(0, np.float32),
         "qaconv_weighted": torch.cat(weighted).numpy() if weighted else np.zeros(0, np.float32),
     }
