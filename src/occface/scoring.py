@@ -131,6 +131,10 @@ def pair_scores(model: OccFaceModel, features: Features, pairs: np.ndarray, fusi
     (:mod:`occface.precision`); scores are fp32."""
     left, right = torch.as_tensor(pairs[:, 0]), torch.as_tensor(pairs[:, 1])
     qaconv = cpu_matcher(model)
+    if len(features.feature_map) != len(features.embedding):
+        raise ValueError(f"pair_scores needs the feature maps of all {len(features.embedding)} faces, got "
+                         f"{len(features.feature_map)} (extracted with keep_maps=False?); embedding_scores "
+                         "scores embeddings alone")
     dtype = matcher_dtype(qaconv, features.feature_map, precision)
     maps, occlusion = features.feature_map, features.occlusion
     plain, weighted = [], []
