@@ -271,6 +271,24 @@ def test_frozen_backbone_statistics_and_teacher_stay_in_eval_mode():
         module.freeze_backbone_before("features.5")
 
 
+@pytest.mark.parametrize("trains_backbone", [True, False])
+def test_the_occlusion_loss_reaches_the_backbone_only_when_configured(trains_backbone):
+    from occface.objective import MultiTaskModule
+
+    config = load_config(default_config_path(), ["model.arch=ir_18", "model.width=0.125",
+                                                 f"loss.occlusion_trains_backbone={str(trains_backbone).lower()}"])
+    model = OccFaceModel(ModelConfig(arch="ir_18", width=0.125, occlusion_hidden_channels=8))
+    module = MultiTaskModule(model, 3, config).train()
+    masks = torch.ones(6, 1, 112, 112)
+    masks[:3, :, 60:] = 0  # lower halves hidden: the loss has something to learn
+    terms = module(torch.rand(6, 3, 112, 112), torch.tensor([0, 0, 1, 1, 2, 2]), masks)
+    terms["occlusion"].backward()
+    backbone_grads = [p.grad for p in model.backbone.parameters() if p.grad is not None]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.occlusion_head.parameters()
+               if p.requires_grad and p.ndim > 1)
+    assert bool(backbone_grads and any(g.abs().sum() > 0 for g in backbone_grads)) == trains_backbone
+
+
 def test_the_teacher_in_onnx_runtime_gives_the_same_targets(tmp_path):
     pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'occface[onnx]')")
     from occface.objective import MultiTaskModule

@@ -87,6 +87,9 @@ class LossSection:
     occlusion_weight: float = 1.0
     occlusion_weight_start: float = 0.1
     occlusion_warmup_steps: int = 0
+    # false: the occlusion head reads the feature maps detached, so its loss trains the head alone
+    # and leaves the backbone (and the embedding it shares) to the other terms.
+    occlusion_trains_backbone: bool = True
     triplet_margin: float | None = None
     mask_downsampling: MaskMode = "area"
     # Distillation from the frozen pretrained network (model.pretrained): 1 - cos(student embedding

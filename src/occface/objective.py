@@ -31,7 +31,8 @@ class MultiTaskModule(nn.Module):
     -> dict of loss terms (``adaface``, ``qaconv``, ``occlusion``; with a ``teacher``, also
     ``distill`` and ``distill_map``), ``pair_accuracy`` and the predicted maps. QAConv is weighted
     by the predicted maps, detached: the visibility head learns from the occlusion loss alone and
-    the matcher learns to match under its weighting. The teacher (a frozen copy of the pretrained
+    the matcher learns to match under its weighting. With ``loss.occlusion_trains_backbone`` false,
+    that loss stops at the head too (the backbone learns from the other terms only). The teacher (a frozen copy of the pretrained
     model) sees ``clean``, the faces without their synthesised occluders.
 
     ``backbone_frozen`` keeps the backbone's BatchNorm statistics as they are (eval mode) while
@@ -50,6 +51,7 @@ class MultiTaskModule(nn.Module):
         self.teacher = teacher.requires_grad_(False).eval() if teacher is not None else None
         self.teacher_onnx = None  # the teacher's network in ONNX Runtime: use_onnx_teacher
         self.distill_maps = loss.distill_map_weight > 0
+        self.occlusion_trains_backbone = loss.occlusion_trains_backbone
         self.backbone_frozen = False
         self.frozen_layers: list[nn.Module] = []
 
@@ -94,7 +96,7 @@ class MultiTaskModule(nn.Module):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
                 clean: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        out = self.model(images)
+        out = self.model(images, detach_head_input=not self.occlusion_trains_backbone)
         zero = out.embedding.new_zeros(())
         terms = {
             "adaface": zero, "qaconv": zero, "pair_accuracy": zero,

@@ -98,10 +98,12 @@ class OccFaceModel(nn.Module):
         device = next(self.parameters()).device
         self.normalize = InputNormalization(convention).to(device)
 
-    def forward(self, images: torch.Tensor) -> OccFaceOutput:
-        """images [B, 3, S, S]: RGB in [0, 1]."""
+    def forward(self, images: torch.Tensor, detach_head_input: bool = False) -> OccFaceOutput:
+        """images [B, 3, S, S]: RGB in [0, 1]. ``detach_head_input``: the occlusion head sees the
+        feature maps detached (training: its loss then reaches the head only, not the backbone)."""
         out = self.backbone(self.normalize(images))
-        return OccFaceOutput(out.embedding, out.norm, out.feature_map, self.occlusion_head(out.feature_map))
+        head_input = out.feature_map.detach() if detach_head_input else out.feature_map
+        return OccFaceOutput(out.embedding, out.norm, out.feature_map, self.occlusion_head(head_input))
 
     def fused_embedding(self, images: torch.Tensor, out: OccFaceOutput | None = None) -> torch.Tensor:
         """AdaFace's flip-and-norm fusion: embeddings of the images and of their mirror images,
