@@ -32,8 +32,9 @@ class MultiTaskModule(nn.Module):
     ``distill`` and ``distill_map``), ``pair_accuracy`` and the predicted maps. QAConv is weighted
     by the predicted maps, detached: the visibility head learns from the occlusion loss alone and
     the matcher learns to match under its weighting. With ``loss.occlusion_trains_backbone`` false,
-    that loss stops at the head too (the backbone learns from the other terms only). The teacher (a frozen copy of the pretrained
-    model) sees ``clean``, the faces without their synthesised occluders.
+    that loss stops at the head too (the backbone learns from the other terms only). The teacher
+    (a frozen copy of the pretrained model) sees ``clean``, the faces without their synthesised
+    occluders.
 
     ``backbone_frozen`` keeps the backbone's BatchNorm statistics as they are (eval mode) while
     the rest trains; the teacher is always in eval mode.
