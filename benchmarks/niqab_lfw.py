@@ -39,10 +39,10 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from occface.config import load_config
 from occface.demo import default_config_path
@@ -94,9 +94,24 @@ def from_scratch(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- from a pretrained network
-def concat_features(parts: list[Features]) -> Features:
-    return Features(*(torch.cat([getattr(p, name) for p in parts]) for name in ("embedding", "feature_map", "occlusion",
-                                                                                "occluded")))
+def concat_features(parts: Iterable[Features], sizes: list[int]) -> Features:
+    """The parts (``sizes`` faces each, in order) as one Features. Each part is copied into tensors
+    allocated once for all of them and dropped before the next is made, so the whole is held once
+    beside one part (``torch.cat`` of all parts would hold every part twice at its peak)."""
+    total, start, whole = sum(sizes), 0, {}
+    for part in parts:
+        count = len(part.embedding)
+        for name in ("embedding", "feature_map", "occlusion", "occluded"):
+            tensor = getattr(part, name)
+            if name not in whole:  # maps not kept are [0, C, H, W] in every part
+                whole[name] = tensor.new_empty((total if len(tensor) else 0, *tensor.shape[1:]))
+            if len(tensor):
+                whole[name][start : start + count] = tensor
+        start += count
+        del part, tensor
+    if start != total:
+        raise ValueError(f"the parts hold {start} faces, the sizes say {total}")
+    return Features(**whole)
 
 
 def lfw_conditions(data: Path, held_out: bool, seed: int):
@@ -198,8 +213,9 @@ def pretrained(args: argparse.Namespace) -> int:
         tick = time.perf_counter()
         sources = ("embedding", "qaconv", "qaconv_weighted", "fused") if name == "full" else ("embedding",)
         features = None  # the previous model's, freed before this one's are extracted
-        features = concat_features([extract_features(model, d, 64, precision=precision, progress=True,
-                                                     keep_maps=name == "full") for d in datasets])
+        features = concat_features((extract_features(model, d, 64, precision=precision, progress=True,
+                                                     keep_maps=name == "full") for d in datasets),
+                                   [len(d) for d in datasets])
         count = sum(len(d) for d in datasets)
         speed[name] = count / (time.perf_counter() - tick)
         metrics, scores = score_conditions(model, features, conditions, issame, folds, sources)
