@@ -209,15 +209,14 @@ def pretrained(args: argparse.Namespace) -> int:
         conditions = {k: (p[: args.pairs], t[: args.pairs]) for k, (p, t) in conditions.items()}
         issame, folds = issame[: args.pairs], None
     table, raw, speed = {}, {}, {}
+    sizes = [len(d) for d in datasets]
     for name, model in models.items():
         tick = time.perf_counter()
         sources = ("embedding", "qaconv", "qaconv_weighted", "fused") if name == "full" else ("embedding",)
         features = None  # the previous model's, freed before this one's are extracted
         features = concat_features((extract_features(model, d, 64, precision=precision, progress=True,
-                                                     keep_maps=name == "full") for d in datasets),
-                                   [len(d) for d in datasets])
-        count = sum(len(d) for d in datasets)
-        speed[name] = count / (time.perf_counter() - tick)
+                                                     keep_maps=name == "full") for d in datasets), sizes)
+        speed[name] = sum(sizes) / (time.perf_counter() - tick)
         metrics, scores = score_conditions(model, features, conditions, issame, folds, sources)
         for condition in conditions:
             for source in sources:

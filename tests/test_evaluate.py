@@ -365,8 +365,7 @@ def test_pair_scores_in_chunks_equal_each_pair_scored_alone(monkeypatch):
 
 
 def test_features_without_maps_keep_the_same_embeddings():
-    import occface.scoring as scoring
-    from occface.scoring import embedding_scores, extract_features
+    from occface.scoring import embedding_scores, extract_features, pair_scores
 
     model = OccFaceModel(ModelConfig(arch="ir_18", width=0.125, occlusion_hidden_channels=8))
     dataset = ProceduralFaceDataset(ProceduralFaces(3, 2, seed=0))
@@ -378,4 +377,4 @@ def test_features_without_maps_keep_the_same_embeddings():
     np.testing.assert_allclose(embedding_scores(lean, pairs), (full.embedding[[0, 2]] * full.embedding[[1, 5]]).sum(1).numpy(),
                                rtol=1e-6)
     with pytest.raises(ValueError, match=r"feature maps of all 6 faces, got 0 \(extracted with keep_maps=False\?\)"):
-        scoring.pair_scores(model, lean, pairs, precision="fp32")
+        pair_scores(model, lean, pairs, precision="fp32")
