@@ -320,3 +320,48 @@ def test_finetuning_with_the_teacher_in_onnx_runtime(tmp_path):
     assert trainer.module.teacher_onnx is not None and (tmp_path / "run" / "teacher" / "model.onnx").is_file()
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)  # RNG states
     assert any(key.startswith("teacher.") for key in checkpoint["module"])
+
+
+def test_interpolating_the_backbone_with_its_pretrained_weights(tmp_path):
+    from occface.models import interpolate_backbone
+
+    state = saved_mobilefacenet(tmp_path / "mfn.pt")
+    make = lambda: OccFaceModel(ModelConfig(arch="mobilefacenet", occlusion_hidden_channels=8))  # noqa: E731
+    tuned = make()
+    load_pretrained(tuned, tmp_path / "mfn.pt")
+    perturbed(tuned, seed=5)  # stands for the fine-tuning
+    fine_tuned = {k: v.clone() for k, v in tuned.state_dict().items()}
+    for alpha in (1.0, 0.5, 0.0):
+        model = make()
+        model.load_state_dict(fine_tuned)
+        interpolate_backbone(model, tmp_path / "mfn.pt", alpha)
+        backbone = model.backbone.state_dict()
+        for key, start in state.items():
+            end = fine_tuned[f"backbone.{key}"]
+            expected = start + alpha * (end - start) if start.is_floating_point() else end
+            torch.testing.assert_close(backbone[key], expected, rtol=1e-6, atol=1e-7)
+        head = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+        assert all(torch.equal(v, fine_tuned[k]) for k, v in head.items())  # no pretrained counterpart
+    assert not torch.equal(fine_tuned["backbone.conv2.0.weight"], state["conv2.0.weight"])
+    with pytest.raises(ValueError, match="outside"):
+        interpolate_backbone(make(), tmp_path / "mfn.pt", 1.5)
+
+
+def test_a_run_saves_the_interpolated_backbone_and_checkpoints_the_fine_tuned_one(tmp_path):
+    from occface.config import ConfigError
+    from occface.objective import build_model
+
+    state = saved_mobilefacenet(tmp_path / "mfn.pt")
+    config = load_config(default_config_path(), [*FINETUNE, f"model.pretrained={tmp_path / 'mfn.pt'}",
+                                                  "model.interpolate_pretrained=0", "model.freeze_backbone_steps=0",
+                                                  "train.max_steps=2", f"train.out_dir={tmp_path / 'run'}"])
+    Trainer(config).fit()
+    saved = OccFaceModel.from_pretrained(tmp_path / "run" / "model").backbone.state_dict()
+    # alpha 0: the pretrained backbone (BatchNorm's step counters are not weights: they stay)
+    assert all(torch.equal(saved[k], v) for k, v in state.items() if v.is_floating_point())
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)  # RNG states
+    assert not torch.equal(checkpoint["module"]["model.backbone.conv2.0.weight"], state["conv2.0.weight"])
+    for overrides, message in ((["model.interpolate_pretrained=0.5"], "needs model.pretrained"),
+                               ([f"model.pretrained={tmp_path / 'mfn.pt'}", "model.interpolate_pretrained=2"], "outside")):
+        with pytest.raises(ConfigError, match=message):
+            build_model(load_config(default_config_path(), [*FINETUNE, *overrides]))

@@ -47,6 +47,9 @@ class ModelSection:
     train_from: str | None = None
     backbone_bn: Literal["train", "frozen"] = "train"  # frozen: keep the backbone's BatchNorm statistics
     backbone_lr_scale: float = 1.0
+    # The backbone saved at the end: pretrained + alpha * (fine-tuned - pretrained), weight-space
+    # ensembling with the start (WiSE-FT); 1 keeps the fine-tuned weights. Needs model.pretrained.
+    interpolate_pretrained: float = 1.0
 
 
 @dataclass

@@ -32,7 +32,7 @@ from .data import (ConcatFaceDataset, FaceDataset, IdentityBalancedSampler, Imag
 from .data.transforms import Compose
 from .errors import InputError
 from .evaluate import OcclusionPairs, evaluate_occlusion_pairs
-from .models import OccFaceModel
+from .models import OccFaceModel, interpolate_backbone
 from .losses import LossWeights
 from .metrics import evaluate_pairs, threshold_at_far
 from .objective import MultiTaskModule, build_model, class_mean_embeddings, model_config
@@ -470,8 +470,11 @@ class Trainer:
         if progress is not None:
             progress.close()
         elapsed = time.perf_counter() - started
-        metrics = self._validate()
-        self.save_checkpoint("last.ckpt")
+        self.save_checkpoint("last.ckpt")  # the fine-tuned weights: a longer run continues from them
+        if config.model.interpolate_pretrained != 1.0:
+            interpolate_backbone(self.module.model, config.model.pretrained, config.model.interpolate_pretrained)
+            log.info("backbone interpolated with %s: alpha %g", config.model.pretrained, config.model.interpolate_pretrained)
+        metrics = self._validate()  # calibrates what is saved
         summary = {"steps": self.step, "skipped_steps": self.skipped, "seconds": elapsed,
                    "images_per_second": images_seen / max(elapsed, 1e-9), "precision": self.precision,
                    "channels_last": self.channels_last, "validation": metrics}

@@ -7,7 +7,7 @@ from .convention import ADAFACE_INPUT, IMAGENET_INPUT, InputConvention, InputNor
 from .mobilefacenet import MobileFaceNet
 from .occface import ARCHITECTURES, ModelConfig, OccFaceModel, OccFaceOutput, build_backbone
 from .occlusion_head import OcclusionHead
-from .pretrained import load_pretrained
+from .pretrained import interpolate_backbone, load_pretrained
 from .qaconv import QAConv
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "build_backbone",
     "check_color_space",
     "describe_backbone_state",
+    "interpolate_backbone",
     "load_adaface_checkpoint",
     "load_pretrained",
     "measure_batchnorm",

@@ -3,6 +3,7 @@ and loads it strictly into an :class:`OccFaceModel`, with the input convention o
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from .checkpoint import (CheckpointError, backbone_family, backbone_keys, describe_backbone_state, load_backbone_state,
@@ -49,6 +50,23 @@ def load_pretrained(model: OccFaceModel, path: str | Path, *, convention: InputC
     chosen = convention or FAMILY_CONVENTION[family]
     model.set_convention(chosen)
     return f"{path.name}: {describe_backbone_state(state)} backbone, input {_describe(chosen)}"
+
+
+def interpolate_backbone(model: OccFaceModel, pretrained: str | Path, alpha: float) -> None:
+    """Move ``model``'s backbone part of the way back to the weights it was fine-tuned from, in place:
+    ``pretrained + alpha * (fine-tuned - pretrained)`` for every floating tensor (BatchNorm statistics
+    included; counters stay). ``alpha`` 1 keeps the fine-tuned backbone, 0 restores the pretrained one;
+    between them lies weight-space ensembling of a fine-tuned network with its start (WiSE-FT), which
+    keeps more of what the start knew (clean faces) for little of what fine-tuning gained. The
+    occlusion head and QAConv have no pretrained counterpart and are left as trained."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"interpolation alpha {alpha} is outside [0, 1]")
+    start = OccFaceModel(replace(model.config, calibration={}))
+    load_pretrained(start, pretrained)
+    theirs = start.backbone.state_dict()
+    mixed = {key: theirs[key].to(value) + alpha * (value - theirs[key].to(value)) if value.is_floating_point() else value
+             for key, value in model.backbone.state_dict().items()}
+    model.backbone.load_state_dict(mixed, strict=True)
 
 
 def _load_model_directory(model: OccFaceModel, path: Path, convention: InputConvention | None) -> str:
