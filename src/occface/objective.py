@@ -134,6 +134,10 @@ def build_model(config: Config) -> tuple[OccFaceModel, OccFaceModel | None]:
     convention, unless the config sets one), and the frozen teacher for distillation (a copy of
     the pretrained model; None without distillation)."""
     m = config.model
+    if not 0.0 <= m.interpolate_pretrained <= 1.0:
+        raise ConfigError(f"model.interpolate_pretrained {m.interpolate_pretrained} is outside [0, 1]")
+    if m.interpolate_pretrained != 1.0 and not m.pretrained:
+        raise ConfigError("model.interpolate_pretrained needs model.pretrained (the weights to interpolate with)")
     model = OccFaceModel(model_config(config))
     if m.pretrained:
         log.info("pretrained weights: %s", load_pretrained(model, m.pretrained))
@@ -145,10 +149,6 @@ def build_model(config: Config) -> tuple[OccFaceModel, OccFaceModel | None]:
         if m.pretrained and convention != current:
             log.warning("the config's input convention %s overrides the pretrained weights' %s", convention, current)
         model.set_convention(convention)
-    if not 0.0 <= m.interpolate_pretrained <= 1.0:
-        raise ConfigError(f"model.interpolate_pretrained {m.interpolate_pretrained} is outside [0, 1]")
-    if m.interpolate_pretrained != 1.0 and not m.pretrained:
-        raise ConfigError("model.interpolate_pretrained needs model.pretrained (the weights to interpolate with)")
     teacher = None
     if config.loss.distills:
         if not m.pretrained:

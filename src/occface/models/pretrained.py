@@ -56,9 +56,10 @@ def interpolate_backbone(model: OccFaceModel, pretrained: str | Path, alpha: flo
     """Move ``model``'s backbone part of the way back to the weights it was fine-tuned from, in place:
     ``pretrained + alpha * (fine-tuned - pretrained)`` for every floating tensor (BatchNorm statistics
     included; counters stay). ``alpha`` 1 keeps the fine-tuned backbone, 0 restores the pretrained one;
-    between them lies weight-space ensembling of a fine-tuned network with its start (WiSE-FT), which
-    keeps more of what the start knew (clean faces) for little of what fine-tuning gained. The
-    occlusion head and QAConv have no pretrained counterpart and are left as trained."""
+    between them lies weight-space ensembling of a fine-tuned network with its start (WiSE-FT): more of
+    what the start knew (clean faces), less of what fine-tuning added (on LFW with niqabs, about a point
+    at 0.7; benchmarks/RESULTS.md). The occlusion head and QAConv have no pretrained counterpart and are
+    left as trained."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"interpolation alpha {alpha} is outside [0, 1]")
     start = OccFaceModel(replace(model.config, calibration={}))
