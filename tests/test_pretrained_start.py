@@ -361,7 +361,8 @@ def test_a_run_saves_the_interpolated_backbone_and_checkpoints_the_fine_tuned_on
     assert all(torch.equal(saved[k], v) for k, v in state.items() if v.is_floating_point())
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)  # RNG states
     assert not torch.equal(checkpoint["module"]["model.backbone.conv2.0.weight"], state["conv2.0.weight"])
+    weights = f"model.pretrained={tmp_path / 'mfn.pt'}"
     for overrides, message in ((["model.interpolate_pretrained=0.5"], "needs model.pretrained"),
-                               ([f"model.pretrained={tmp_path / 'mfn.pt'}", "model.interpolate_pretrained=2"], "outside")):
+                               ([weights, "model.interpolate_pretrained=2"], "outside")):
         with pytest.raises(ConfigError, match=message):
             build_model(load_config(default_config_path(), [*FINETUNE, *overrides]))

@@ -471,9 +471,10 @@ class Trainer:
             progress.close()
         elapsed = time.perf_counter() - started
         self.save_checkpoint("last.ckpt")  # the fine-tuned weights: a longer run continues from them
-        if config.model.interpolate_pretrained != 1.0:
-            interpolate_backbone(self.module.model, config.model.pretrained, config.model.interpolate_pretrained)
-            log.info("backbone interpolated with %s: alpha %g", config.model.pretrained, config.model.interpolate_pretrained)
+        alpha = config.model.interpolate_pretrained
+        if alpha != 1.0:
+            interpolate_backbone(self.module.model, config.model.pretrained, alpha)
+            log.info("backbone interpolated with %s: alpha %g", config.model.pretrained, alpha)
         metrics = self._validate()  # calibrates what is saved
         summary = {"steps": self.step, "skipped_steps": self.skipped, "seconds": elapsed,
                    "images_per_second": images_seen / max(elapsed, 1e-9), "precision": self.precision,

@@ -6,6 +6,8 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from .checkpoint import (CheckpointError, backbone_family, backbone_keys, describe_backbone_state, load_backbone_state,
                          read_state_dict)
 from .convention import ADAFACE_INPUT, IMAGENET_INPUT, InputConvention
@@ -65,7 +67,7 @@ def interpolate_backbone(model: OccFaceModel, pretrained: str | Path, alpha: flo
     start = OccFaceModel(replace(model.config, calibration={}))
     load_pretrained(start, pretrained)
     theirs = start.backbone.state_dict()
-    mixed = {key: theirs[key].to(value) + alpha * (value - theirs[key].to(value)) if value.is_floating_point() else value
+    mixed = {key: torch.lerp(theirs[key].to(value), value, alpha) if value.is_floating_point() else value
              for key, value in model.backbone.state_dict().items()}
     model.backbone.load_state_dict(mixed, strict=True)
 
