@@ -4,13 +4,16 @@ Occluders are composited onto faces aligned to the 112x112 ArcFace template (224
 handled by scaling). The visibility mask of a composite is ``1 - alpha`` at image resolution,
 so it is exact by construction.
 
-Two sources of occluders:
+Three sources of occluders:
 
 * RGBA overlay images (:func:`load_overlays`): a niqab placed by its eye slit (found as the
   transparent hole inside the opaque cloth) on the template's eye line, medical masks by the
   nose/mouth region (MaskTheFace templates by their six anchor points), sunglasses by the eyes;
 * procedural occluders drawn in code (:class:`ProceduralOccluders`) for machines without
-  overlay files: a niqab with an eye slit, a medical mask, sunglasses, a hand, a bar.
+  overlay files: a niqab with an eye slit, a medical mask, sunglasses, a hand, a bar;
+* occluders as a distribution (:mod:`occface.data.drawn_occluders`): kinds ``veil`` and
+  ``facemask`` (or one of their sub-families, e.g. ``veil/two-hole``), niqabs and masks whose
+  shape, opening, hood, cloth and light are drawn at random.
 
 Every placement gets random jitter in scale, position and rotation; overlays may be tinted.
 """
@@ -27,14 +30,9 @@ from PIL import Image, ImageDraw
 
 from .errors import DataError
 
-# ArcFace's five-point template for 112x112 faces.
-LEFT_EYE = (38.2946, 51.6963)
-RIGHT_EYE = (73.5318, 51.5014)
-NOSE_TIP = (56.0252, 71.7366)
-MOUTH_LEFT = (41.5493, 92.3655)
-MOUTH_RIGHT = (70.7299, 92.2041)
-EYE_CENTER = ((LEFT_EYE[0] + RIGHT_EYE[0]) / 2, (LEFT_EYE[1] + RIGHT_EYE[1]) / 2)
-EYE_DISTANCE = RIGHT_EYE[0] - LEFT_EYE[0]
+from .drawn_occluders import DRAWN_KINDS, DrawnOccluders
+from .placement import (EYE_CENTER, EYE_DISTANCE, LEFT_EYE, MOUTH_LEFT, MOUTH_RIGHT, NOSE_TIP,  # noqa: F401
+                        RIGHT_EYE, Jitter)
 
 OCCLUSION_KINDS = ("niqab", "mask", "sunglasses", "hand", "bar")
 DEFAULT_KINDS = ("niqab", "mask", "sunglasses")
@@ -45,24 +43,6 @@ MASKTHEFACE_TARGETS = {
     "mask_a": (19.0, 64.0), "mask_b": (56.0, 58.0), "mask_c": (93.0, 64.0),
     "mask_d": (25.0, 98.0), "mask_e": (56.0, 116.0), "mask_f": (87.0, 98.0),
 }
-
-
-@dataclass
-class Jitter:
-    """Random placement noise: relative scale, shift in template pixels, rotation in degrees."""
-
-    scale: float = 0.08
-    shift: float = 3.0
-    rotation: float = 8.0
-
-    def sample(self, rng: np.random.Generator, center: tuple[float, float]) -> np.ndarray:
-        """A 3x3 similarity about ``center`` in template coordinates."""
-        s = 1.0 + rng.uniform(-self.scale, self.scale)
-        angle = math.radians(rng.uniform(-self.rotation, self.rotation))
-        dx, dy = rng.uniform(-self.shift, self.shift, size=2)
-        c, si = math.cos(angle) * s, math.sin(angle) * s
-        cx, cy = center
-        return np.array([[c, -si, cx - c * cx + si * cy + dx], [si, c, cy - si * cx - c * cy + dy], [0, 0, 1]])
 
 
 @dataclass
@@ -307,17 +287,18 @@ class OcclusionSynthesizer:
 
     def __init__(self, overlays: Sequence[Overlay] = (), kinds: Sequence[str] = DEFAULT_KINDS,
                  jitter: Jitter | None = None, tint_probability: float = 0.3, procedural: bool = True) -> None:
-        unknown = sorted(set(kinds) - set(OCCLUSION_KINDS))
+        unknown = sorted(set(kinds) - set(OCCLUSION_KINDS) - set(DRAWN_KINDS))
         if unknown or not kinds:
-            raise DataError(f"unknown occlusion kinds {unknown}; expected some of {OCCLUSION_KINDS}")
+            raise DataError(f"unknown occlusion kinds {unknown}; expected some of {OCCLUSION_KINDS + DRAWN_KINDS}")
         self.kinds = tuple(kinds)
         self.overlays = {kind: [o for o in overlays if o.kind == kind] for kind in self.kinds}
-        lacking = [k for k in self.kinds if not self.overlays[k]]
+        lacking = [k for k in self.kinds if not self.overlays[k] and k not in DRAWN_KINDS]
         if lacking and not procedural:
             raise DataError(f"no overlays for occlusion kinds {lacking} and procedural occluders are off")
         self.jitter = jitter or Jitter()
         self.tint_probability = tint_probability
         self.procedural = ProceduralOccluders()
+        self.drawn = DrawnOccluders(self.jitter)
 
     @classmethod
     def from_directory(cls, occluders: str | Path | None, kinds: Sequence[str] = DEFAULT_KINDS, **kwargs) -> "OcclusionSynthesizer":
@@ -329,6 +310,8 @@ class OcclusionSynthesizer:
     def layer(self, size: int, rng: np.random.Generator, kind: str | None = None) -> tuple[np.ndarray, str]:
         """A premultiplied RGBA layer [size, size, 4] for one random occluder, and its name."""
         kind = kind or self.kinds[rng.integers(len(self.kinds))]
+        if kind in DRAWN_KINDS:
+            return self.drawn.render(kind, size, rng, self.jitter)
         choices = self.overlays.get(kind) or []
         if not choices:
             return self.procedural.render(kind, size, rng, self.jitter), f"procedural/{kind}"
