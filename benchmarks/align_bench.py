@@ -4,14 +4,18 @@ Aligned CFP frontal faces (whose five landmarks are known: ``cfp112/landmarks.cs
 points, mapped into the aligned crop by the least-squares similarity that made it) get a niqab, a
 medical mask or nothing (``occluders/``), and are pasted into a 640x480 scene (gradient, clutter and
 noise backgrounds) by a random similarity: face size 0.9-2.5x the 112 crop, rotation up to ±30°,
-anywhere in the frame. occface's aligner (YuNet + similarity alignment) then runs on the scene.
+anywhere in the frame. occface's aligner (YuNet, then Face Mesh + Iris where their files are found, then a similarity
+onto the template) runs on the scene.
 
-Per condition: the share of faces found (the largest detection, its eye centre within a third of the
-eye distance of the truth), the mean eye-landmark error in the 112 crop's pixels (detected eyes mapped
-back through the paste transform), and the share of faces with both eyes within 5 px; photos/s at
-640x480 on this machine's cores.
+Per condition: the share of faces found (the largest face, its eye centre within a third of the eye
+distance of the truth), the mean eye-landmark error in the 112 crop's pixels (found eyes mapped back
+through the paste transform), the share of faces with both eyes within 5 px, the crop error (how far
+the aligned crop's template points lie from where the data set's own alignment put them: 0 for the
+crop the model was trained on), the share aligned on the eyes alone, photos/s at 640x480 and the
+landmark refinement's milliseconds a face, on this machine's cores.
 
-    python benchmarks/align_bench.py --data ../shared/data --detector ../shared/models/face_detection_yunet_2023mar.onnx
+    python benchmarks/align_bench.py --data ../shared/data --models ../shared/models
+    python benchmarks/align_bench.py ... --landmarks yunet      # YuNet's points only (earlier versions)
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from occface.align import FaceAligner, apply_transform, invert_transform, similarity_transform, template
+from occface.photos import FaceAligner, apply_transform, compose, invert_transform, similarity_transform, template
 
 SCENE_W, SCENE_H = 640, 480
 
@@ -91,6 +95,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="folder with cfp112/ and occluders/")
     parser.add_argument("--detector", default=None, help="YuNet 2023mar .onnx (default: as occface finds it)")
+    parser.add_argument("--models", type=Path, default=None,
+                        help="folder of the model files (default: as occface finds them: OCCFACE_HOME, ...)")
+    parser.add_argument("--landmarks", default="auto", choices=("auto", "mesh", "yunet"),
+                        help="mesh: Face Mesh + Iris (required); yunet: YuNet's points; auto: mesh where found")
     parser.add_argument("--faces", type=int, default=500, help="faces per condition")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--score-threshold", type=float, default=None, help="YuNet score threshold (default: occface's)")
@@ -106,26 +114,32 @@ def main() -> int:
             return 2
     import cv2
 
-    from occface.align import FaceDetector
+    from occface.photos import FaceDetector
     from occface.data import OcclusionSynthesizer
     from occface.data.images import read_image
 
     options = {} if args.score_threshold is None else {"score_threshold": args.score_threshold}
     if args.no_retries:
         options["retries"] = ()
+    files = {}
+    if args.models is not None:
+        files = {"face_mesh": args.models / "face_landmark.tflite", "iris": args.models / "iris_landmark.tflite"}
+        args.detector = args.detector or args.models / "face_detection_yunet_2023mar.onnx"
     detector = FaceDetector(args.detector, **options)
-    aligner = FaceAligner(detector) if args.refine is None else FaceAligner(detector, refine=args.refine)
+    aligner = FaceAligner(detector, refine=args.refine, landmarks=args.landmarks, **files)
     print(f"OpenCV {cv2.__version__}, {cv2.getNumThreads()} threads; detector {detector.path} "
-          f"(score threshold {detector.score_threshold:g})")
+          f"(score threshold {detector.score_threshold:g}); landmarks: {aligner.landmark_source}, "
+          f"{aligner.refine} YuNet refinement pass(es)")
     overlays = OcclusionSynthesizer.from_directory(args.data / "occluders", ["niqab", "mask"])
     drawn = OcclusionSynthesizer([], ["niqab", "mask"])  # no overlays: both kinds drawn procedurally
     rng = np.random.default_rng(args.seed)
     faces = true_landmarks(args.data, args.faces, rng)
     print(f"\n{len(faces)} CFP frontal faces per condition in 640x480 scenes (scale 0.9-2.5, rotation ±30°)\n")
-    print("| faces | found | mean eye error (px at 112) | both eyes within 5 px | photos/s |")
-    print("|---|---|---|---|---|")
+    print("| faces | found | mean eye error (px at 112) | both eyes within 5 px | crop error (px) | aligned on the eyes "
+          "| photos/s | refinement (ms a face) |")
+    print("|---|---|---|---|---|---|---|---|")
     for condition in args.conditions.split(","):
-        found, errors, within, seconds = 0, [], 0, 0.0
+        found, errors, within, seconds, crops, on_eyes, refining = 0, [], 0, 0.0, [], 0, 0.0
         for path, truth in faces:
             face = read_image(path)
             if condition.startswith("drawn-"):
@@ -134,11 +148,14 @@ def main() -> int:
                 face = overlays(face, rng, condition)[0]
             scene, matrix = paste(face, rng)
             tick = time.perf_counter()
-            result = aligner.align(scene)
+            detections = aligner.detector.detect(scene)
+            middle = time.perf_counter()
+            result = aligner.face(scene, detections[0]) if detections else None
             seconds += time.perf_counter() - tick
-            if not result.faces:
+            refining += time.perf_counter() - middle
+            if result is None:
                 continue
-            detected = apply_transform(invert_transform(matrix), result.faces[0].detection.landmarks)
+            detected = apply_transform(invert_transform(matrix), result.landmarks)
             eye_distance = np.linalg.norm(truth[1] - truth[0])
             if np.linalg.norm(detected[:2].mean(0) - truth[:2].mean(0)) > eye_distance / 3:
                 continue  # the largest detection is not this face
@@ -146,10 +163,14 @@ def main() -> int:
             eye_errors = np.linalg.norm(detected[:2] - truth[:2], axis=1)
             errors.extend(eye_errors)
             within += bool((eye_errors <= 5).all())
+            crop = compose(result.matrix, matrix)  # the true crop -> this crop: the identity when perfect
+            crops.append(np.linalg.norm(apply_transform(crop, template(112)) - template(112), axis=1).mean())
+            on_eyes += result.points_used == "eyes"
         n = len(faces)
         mean_error = f"{np.mean(errors):.2f}" if errors else "—"
+        crop_error = f"{np.mean(crops):.2f}" if crops else "—"
         print(f"| {condition} | {100 * found / n:.1f}% ({found}/{n}) | {mean_error} | {100 * within / n:.1f}% | "
-              f"{n / seconds:.0f} |")
+              f"{crop_error} | {100 * on_eyes / max(found, 1):.0f}% | {n / seconds:.0f} | {1000 * refining / n:.1f} |")
     return 0
 
 

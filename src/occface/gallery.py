@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .align import FaceReader
+from .photos import FaceReader
 from .data.errors import DataError, DataProblems
 from .data.images import file_sha256
 from .data.verification import ImageListDataset
