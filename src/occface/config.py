@@ -103,6 +103,10 @@ class LossSection:
     # Where the frozen teacher runs: torch, or onnx (ONNX Runtime on the CPU, exported once into
     # train.out_dir/teacher; MobileFaceNet's forward on 64 faces, 2 cores: 0.17 s against eager 0.36 s).
     teacher_runtime: Literal["torch", "onnx"] = "torch"
+    # Compute the teacher's targets once per training image (and its mirror, with data.flip) before
+    # training and look them up each step (occface.teacher_cache); needs data.crop, data.low_res and
+    # data.photometric at 0 (no other augmentation changes the clean face).
+    teacher_cache: bool = False
     # class_means: margin-head class centres start at the pretrained mean embedding of each identity.
     head_init: Literal["random", "class_means"] = "random"
     head_init_images: int = 8  # images per identity for class_means

@@ -44,7 +44,8 @@ class MultiTaskModule(nn.Module):
         super().__init__()
         loss = config.loss
         # A term weighted 0 is not computed (e.g. an embedding-only distillation run skips QAConv).
-        self.active = {"adaface": loss.adaface_weight > 0, "qaconv": loss.qaconv_weight > 0}
+        self.active = {"adaface": loss.adaface_weight > 0, "qaconv": loss.qaconv_weight > 0,
+                       "occlusion": loss.occlusion_weight > 0}
         self.model = model
         self.margin_head = MarginHead(model.backbone.embedding_size, num_classes, loss.head, loss.m, loss.h, loss.s, loss.t_alpha)
         self.pair_loss = QAConvPairLoss(model.qaconv, loss.triplet_margin)
@@ -96,12 +97,18 @@ class MultiTaskModule(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
-                clean: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                clean: torch.Tensor | None = None,
+                targets: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
+        """``targets``: the teacher's (embedding [B, E], feature map or None) of the clean faces,
+        looked up in a :class:`~occface.teacher_cache.TeacherCache`; without them the teacher runs
+        on ``clean`` here."""
         out = self.model(images, detach_head_input=not self.occlusion_trains_backbone)
         zero = out.embedding.new_zeros(())
+        occlusion = (occlusion_loss(out.occlusion, masks, self.mask_mode) if self.active["occlusion"]
+                     else zero)  # a term weighted 0 costs no backward pass through the head
         terms = {
             "adaface": zero, "qaconv": zero, "pair_accuracy": zero,
-            "occlusion": occlusion_loss(out.occlusion, masks, self.mask_mode),
+            "occlusion": occlusion,
             "occlusion_map": out.occlusion.detach(),
         }
         if self.active["adaface"]:
@@ -109,17 +116,28 @@ class MultiTaskModule(nn.Module):
         if self.active["qaconv"]:
             terms["qaconv"], terms["pair_accuracy"] = self.pair_loss(out.feature_map, labels, out.occlusion.detach())
         if self.teacher is not None:
-            source = clean if clean is not None else images
-            with torch.no_grad():
-                if self.teacher_onnx is not None:  # RGB in [0, 1]; the graph applies the convention
-                    target = self.teacher_onnx(source)  # fp32, on the CPU (the only device it runs on)
-                else:
-                    target = self.teacher.backbone(self.teacher.normalize(source))
-            terms["distill"] = embedding_distillation(out.embedding, target.embedding)
+            if targets is None:
+                source = clean if clean is not None else images
+                with torch.no_grad():
+                    if self.teacher_onnx is not None:  # RGB in [0, 1]; the graph applies the convention
+                        target = self.teacher_onnx(source)  # fp32, on the CPU (the only device it runs on)
+                    else:
+                        target = self.teacher.backbone(self.teacher.normalize(source))
+                targets = (target.embedding, target.feature_map)
+            embedding, maps = (t.to(out.embedding.device) if t is not None else None for t in targets)
+            terms["distill"] = embedding_distillation(out.embedding, embedding)
             if self.distill_maps:
                 visible = downsample_mask(masks, tuple(out.feature_map.shape[-2:]), self.mask_mode)
-                terms["distill_map"] = visible_map_distillation(out.feature_map, target.feature_map, visible)
+                terms["distill_map"] = visible_map_distillation(out.feature_map, maps, visible)
         return terms
+
+    def teacher_network(self):
+        """What computes the teacher's targets: images [B, 3, S, S] RGB in [0, 1] -> an output with
+        ``embedding`` and ``feature_map`` (ONNX Runtime where :meth:`use_onnx_teacher` was called)."""
+        if self.teacher_onnx is not None:
+            return self.teacher_onnx
+        teacher = self.teacher
+        return lambda images: teacher.backbone(teacher.normalize(images))
 
 
 def model_config(config: Config) -> ModelConfig:

@@ -37,6 +37,7 @@ from .losses import LossWeights
 from .metrics import evaluate_pairs, threshold_at_far
 from .objective import MultiTaskModule, build_model, class_mean_embeddings, model_config
 from .reports import visibility_grid
+from .teacher_cache import TeacherCache, cache_fits
 from .scoring import (choose_fusion_weights, choose_strata_rule, describe_fusion_weight, fuse, fusion_normalization,
                       network_key, pair_strata)
 
@@ -65,7 +66,11 @@ def build_data(config: Config) -> DataBundle:
     augment = adaface_augmentation(data.flip, data.crop, data.low_res, data.photometric)
     transform = Compose([SynthesizeOcclusion(synthesizer, data.occlusion_probability), augment])  # clean faces
     common = dict(input_size=config.model.input_size, seed=train.seed)
-    clean = dict(clean_targets=config.loss.distills)
+    cached = config.loss.distills and config.loss.teacher_cache
+    if cached and (changing := cache_fits(data.crop, data.low_res, data.photometric)):
+        raise ConfigError(f"loss.teacher_cache: {', '.join(changing)} change the clean faces the teacher sees; "
+                          "set them to 0 or loss.teacher_cache=false")
+    clean = dict(clean_targets=config.loss.distills and not cached, teacher_views=cached)
     holdout: FaceDataset | None = None
     if data.extra_val_identities and not (data.source == "folder" and data.extra_paths):
         raise ConfigError("data.extra_val_identities holds identities of data.extra_paths out of training; "
@@ -119,6 +124,7 @@ def build_data(config: Config) -> DataBundle:
     if data.extra_occlusion_path:
         extra = OcclusionDataset(data.extra_occlusion_path, transform=augment, **common, **clean)
         dataset = ConcatFaceDataset([dataset, extra])
+    dataset.mirrors = data.flip > 0
     validation = None
     if holdout is not None and (both := sorted(set(dataset.identities) & set(holdout.identities))):
         raise ConfigError(f"{len(both)} validation identities also train ({', '.join(both[:3])}): same-named "
@@ -314,6 +320,10 @@ class Trainer:
                 raise ConfigError(f"loss.teacher_runtime=onnx runs the teacher on the CPU; this run trains on {fabric.device}")
             folder = Path(config.train.out_dir) / (f"teacher.rank{fabric.global_rank}" if fabric.world_size > 1 else "teacher")
             log.info("teacher in ONNX Runtime: %s", self.module.use_onnx_teacher(folder))
+        self.cache = None
+        if config.loss.distills and config.loss.teacher_cache:
+            self.cache = TeacherCache(self.module.teacher_network(), dataset, mirrors=config.data.flip > 0,
+                                      keep_maps=config.loss.distill_map_weight > 0, progress=config.train.progress)
         if config.model.train_from:
             self.module.freeze_backbone_before(config.model.train_from)
         if config.loss.head_init == "class_means" and not self.resume:
@@ -426,7 +436,8 @@ class Trainer:
             clean = fabric.to_device(batch.clean) if batch.clean.numel() else None
             images = images.contiguous(memory_format=self.memory_format)
             clean = clean.contiguous(memory_format=self.memory_format) if clean is not None else None
-            terms = self.wrapped(images, labels, masks, clean)
+            targets = self.cache.targets(batch.index, batch.view) if self.cache is not None else None
+            terms = self.wrapped(images, labels, masks, clean, targets)
             weights = self.weights.at(self.step)
             total = sum(weights[k] * terms[k] for k in weights)
             finite = fabric.all_reduce(torch.isfinite(total.detach()).float(), reduce_op="min")

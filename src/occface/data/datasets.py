@@ -35,13 +35,17 @@ class FaceSample(NamedTuple):
     """image [3, S, S] float32 RGB in [0, 1]; label: identity index or -1; mask [1, S, S] in [0, 1]
     (1 = visible); occluded: whether any of the face is hidden; clean: the same face with the same
     augmentation but no synthesised occluder [3, S, S] (a distillation target), or an empty
-    tensor [0] where the dataset was not asked for it."""
+    tensor [0] where the dataset was not asked for it; index: the sample's index in the dataset;
+    view: with ``teacher_views``, which view of the stored face the clean face is (0 as stored,
+    1 mirrored: what a cached teacher's targets are looked up by), else -1."""
 
     image: torch.Tensor
     label: int
     mask: torch.Tensor
     occluded: bool
     clean: torch.Tensor = torch.empty(0)
+    index: int = -1
+    view: int = -1
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,10 @@ class FaceDataset(Dataset, abc.ABC):
     (per index, whether the face has an occlusion mask) and implement :meth:`read`.
     Randomness in transforms comes from ``(seed, epoch, index)``, so a sample is reproducible
     whatever worker loads it; call :meth:`set_epoch` each epoch. With ``clean_targets`` each
-    sample also carries the face without its synthesised occluder (:attr:`FaceSample.clean`).
+    sample also carries the face without its synthesised occluder (:attr:`FaceSample.clean`);
+    with ``teacher_views`` instead, which view of the stored face that is (:attr:`FaceSample.view`:
+    the transforms may then only mirror the face besides synthesising occluders, so that a
+    teacher's targets for each image and its mirror can be computed once and looked up).
     """
 
     identities: list[str]
@@ -68,13 +75,15 @@ class FaceDataset(Dataset, abc.ABC):
     occluded_flags: list[bool]
 
     def __init__(self, input_size: int = 112, transform: PairedTransform | None = None, seed: int = 0,
-                 clean_targets: bool = False) -> None:
+                 clean_targets: bool = False, teacher_views: bool = False) -> None:
         if input_size not in INPUT_SIZES:
             raise ValueError(f"input_size must be one of {INPUT_SIZES}, got {input_size!r}")
         self.input_size = input_size
         self.transform = transform
         self.seed = seed
         self.clean_targets = clean_targets
+        self.teacher_views = teacher_views
+        self.mirrors = True  # whether the transform may mirror faces (teacher_views: checked per sample)
         self.epoch = 0
         self._clean_transform: PairedTransform | None = None  # built on first use
 
@@ -98,9 +107,10 @@ class FaceDataset(Dataset, abc.ABC):
         source_mask = (np.ones(source.shape[:2], np.float32) if raw.mask is None
                        else resize_mask(raw.mask, self.input_size, self.input_size))
         image, mask, clean = source, source_mask, source
+        needs_clean = self.clean_targets or (self.teacher_views and self.mirrors)
         if self.transform is not None:
             image, mask = self.transform(source, source_mask, np.random.default_rng((self.seed, self.epoch, index)))
-            if self.clean_targets:  # the same random draws, the occluder left out
+            if needs_clean:  # the same random draws, the occluder left out
                 if self._clean_transform is None:
                     self._clean_transform = without_occlusion(self.transform)
                 clean, _ = self._clean_transform(source, source_mask, np.random.default_rng((self.seed, self.epoch, index)))
@@ -109,7 +119,19 @@ class FaceDataset(Dataset, abc.ABC):
         clean_tensor = torch.empty(0)
         if self.clean_targets:
             clean_tensor = image_tensor if clean is image else to_tensor(clean)
-        return FaceSample(image_tensor, raw.label, mask_tensor, self.is_occluded(index, mask_tensor), clean_tensor)
+        view = self._view(clean, source, index) if self.teacher_views else -1
+        return FaceSample(image_tensor, raw.label, mask_tensor, self.is_occluded(index, mask_tensor), clean_tensor,
+                          index, view)
+
+    def _view(self, clean: np.ndarray, source: np.ndarray, index: int) -> int:
+        """0 when the clean face is the stored one, 1 when it is its mirror image; anything else is
+        an error (a teacher cache cannot hold faces that other augmentations changed)."""
+        if clean is source or np.array_equal(clean, source):
+            return 0
+        if np.array_equal(clean, source[:, ::-1]):
+            return 1
+        raise DataError(f"sample {index}: the augmentation changed the face beyond mirroring it; a cached teacher "
+                        "needs data.crop, data.low_res and data.photometric at 0")
 
     def is_occluded(self, index: int, mask: torch.Tensor) -> bool:
         """Whether sample ``index`` counts as occluded: by default, when its mask hides pixels."""
@@ -317,4 +339,22 @@ class ConcatFaceDataset(FaceDataset):
 
     def __getitem__(self, index: int) -> FaceSample:
         dataset, local = self._locate(index)
-        return dataset[local]._replace(label=self.targets[index])
+        return dataset[local]._replace(label=self.targets[index], index=index)
+
+    @property
+    def teacher_views(self) -> bool:
+        return all(d.teacher_views for d in getattr(self, "datasets", ()))
+
+    @teacher_views.setter
+    def teacher_views(self, value: bool) -> None:
+        for dataset in getattr(self, "datasets", ()):
+            dataset.teacher_views = value
+
+    @property
+    def mirrors(self) -> bool:
+        return any(d.mirrors for d in getattr(self, "datasets", ()))
+
+    @mirrors.setter
+    def mirrors(self, value: bool) -> None:
+        for dataset in getattr(self, "datasets", ()):
+            dataset.mirrors = value
