@@ -9,7 +9,7 @@ Per condition: pairs whose photo gave no face, and the ROC AUC of the embedding 
 score from crops and from photos (over the pairs where both faces were found).
 
     python benchmarks/photo_match.py --data ../shared/data --model runs/niqab_lfw_pretrained/full/model \\
-        --detector ../shared/models/face_detection_yunet_2023mar.onnx --pairs 300
+        --models ../shared/models --pairs 300 [--landmarks yunet]
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ def main() -> int:
     parser.add_argument("--data", type=Path, required=True, help="folder with lfw112/, lfw112_pairs.txt, occluders/")
     parser.add_argument("--model", type=Path, required=True, help="an occface model directory (with calibration)")
     parser.add_argument("--detector", default=None, help="YuNet 2023mar .onnx (default: as occface finds it)")
+    parser.add_argument("--models", type=Path, default=None, help="folder of the model files (default: OCCFACE_HOME, ...)")
+    parser.add_argument("--landmarks", default="auto", choices=("auto", "mesh", "yunet"))
     parser.add_argument("--pairs", type=int, default=300, help="pairs a condition: half same (fold 1), half not")
     parser.add_argument("--conditions", default="clean,mask,niqab", help="comma-separated: clean, mask, niqab")
     parser.add_argument("--seed", type=int, default=0)
@@ -37,7 +39,7 @@ def main() -> int:
     from sklearn.metrics import roc_auc_score
 
     from align_bench import paste
-    from occface.align import FaceAligner
+    from occface.photos import FaceAligner
     from occface.data import OcclusionSynthesizer, read_pairs_txt
     from occface.data.images import read_image
     from occface.match import match
@@ -47,10 +49,14 @@ def main() -> int:
     half = min(args.pairs // 2, 300)
     chosen = np.concatenate([np.arange(half), 300 + np.arange(half)])  # fold 1: 300 same, then 300 not
     model = OccFaceModel.from_pretrained(args.model).eval()
-    aligner = FaceAligner(args.detector)
+    files = {}
+    if args.models is not None:
+        files = {"face_mesh": args.models / "face_landmark.tflite", "iris": args.models / "iris_landmark.tflite"}
+        args.detector = args.detector or args.models / "face_detection_yunet_2023mar.onnx"
+    aligner = FaceAligner(args.detector, landmarks=args.landmarks, **files)
     overlays = OcclusionSynthesizer.from_directory(args.data / "occluders", ["niqab", "mask"])
-    print(f"model {args.model}; {len(chosen)} LFW pairs a condition (fold 1), the occluder on the second face; "
-          "AUCs over the pairs whose photos both gave a face\n")
+    print(f"model {args.model}; landmarks {aligner.landmark_source}; {len(chosen)} LFW pairs a condition (fold 1), "
+          "the occluder on the second face; AUCs over the pairs whose photos both gave a face\n")
     print("| second face | pairs without a face found | AUC embedding / fused, from the crops | from the photos | seconds |")
     print("|---|---|---|---|---|")
     for condition in args.conditions.split(","):

@@ -35,10 +35,13 @@ EYE_CONTOURS = ((33, 7, 163, 144, 145, 153, 154, 155, 133, 173, 157, 158, 159, 1
                 (362, 382, 381, 380, 374, 373, 390, 249, 263, 466, 388, 387, 386, 385, 384, 398))
 #: Face Mesh's nose tip and mouth corners (image-left first): closest to the five-point convention.
 LOWER_POINTS = (4, 61, 291)
-#: Skin between the eyes (seen through a niqab's slit) and the two cheeks, for the lower-face test.
-SKIN_REFERENCE, CHEEKS = 168, (205, 425)
-#: The lower-face test's thresholds (see the module's docstring).
-AGREEMENT_LIMIT, COLOUR_LIMIT = 0.14, 40.0
+#: Skin between the eyes (seen through a niqab's slit), the two cheeks and the forehead, for the test.
+SKIN_REFERENCE, CHEEKS, FOREHEAD = 168, (205, 425), 151
+#: The lower-face test's thresholds (see the module's docstring): the detector's and the mesh's nose
+#: and mouth within AGREEMENT_LIMIT eye distances and the cheeks within COLOUR_LIMIT of the skin;
+#: failing that, the face counts as covered when its forehead is too (FOREHEAD_LIMIT) or the two
+#: disagree by more than COVERED_AGREEMENT: a face turned aside fails the first test, not these.
+AGREEMENT_LIMIT, COLOUR_LIMIT, FOREHEAD_LIMIT, COVERED_AGREEMENT = 0.14, 40.0, 30.0, 0.2
 #: Where the five-point convention of occface's data (dlib's 68 points reduced to five: each eye the
 #: mean of its six contour points) puts each point, relative to these networks' points, in eye
 #: distances in the face's level frame (x along the eye line, y down): measured on 600 clean CFP
@@ -162,15 +165,14 @@ def _mesh_eyes(mesh: np.ndarray) -> np.ndarray:
 
 
 def _lower_face_seen(points: np.ndarray, detector_lower: np.ndarray, view: np.ndarray, view_points: np.ndarray) -> bool:
-    """Whether nose and mouth are seen: the detector and the mesh agree on them, and both cheeks have
-    the colour of the skin between the eyes (in the mesh's 192 view, where the eye distance is
-    192 / 3.6 px)."""
+    """Whether nose and mouth can be trusted: the detector and the mesh agree on them and both
+    cheeks have the colour of the skin between the eyes; or, failing that, the face is not covered
+    as a niqab covers it (forehead as the skin, the two roughly agreeing). Colours are compared in
+    CIELAB in the mesh's 192 view, where the eye distance is 192 / 3.6 px."""
     import cv2
 
     distance = np.linalg.norm(points[1] - points[0])
     agreement = np.linalg.norm(points[2:] - detector_lower, axis=1).mean() / max(distance, 1e-6)
-    if agreement >= AGREEMENT_LIMIT:
-        return False
     lab = cv2.cvtColor(view, cv2.COLOR_RGB2LAB).astype(np.float32)
     radius = max(1, round(0.06 * MESH_SIZE / 3.6))
 
@@ -179,7 +181,10 @@ def _lower_face_seen(points: np.ndarray, detector_lower: np.ndarray, view: np.nd
         return lab[max(0, y - radius):y + radius + 1, max(0, x - radius):x + radius + 1].reshape(-1, 3).mean(0)
 
     skin = colour(SKIN_REFERENCE)
-    return all(np.linalg.norm(colour(cheek) - skin) < COLOUR_LIMIT for cheek in CHEEKS)
+    if agreement < AGREEMENT_LIMIT and all(np.linalg.norm(colour(cheek) - skin) < COLOUR_LIMIT for cheek in CHEEKS):
+        return True
+    covered = np.linalg.norm(colour(FOREHEAD) - skin) > FOREHEAD_LIMIT or agreement > COVERED_AGREEMENT
+    return not covered
 
 
 def _blob(view: np.ndarray) -> np.ndarray:
