@@ -215,20 +215,19 @@ def _match(args: argparse.Namespace) -> int:
 
 
 def _enroll(args: argparse.Namespace) -> int:
+    from .galleries import enrollment_items
     from .photos import FaceReader
-    from .gallery import Gallery, enrollment_items
-    from .onnx_model import load_face_model
+    from .service import FaceService
 
     items = enrollment_items(args.inputs, args.identity)
-    if (Path(args.gallery) / "manifest.json").is_file():
-        gallery = Gallery.open(args.gallery, model_dir=args.model, runtime=args.runtime, onnx_path=args.onnx)
-    else:
-        gallery = Gallery.create(args.gallery, load_face_model(args.model, args.runtime, args.onnx), args.model)
-    reader = FaceReader(gallery.model.config.input_size, args.faces, args.detector, args.min_face,
+    service = FaceService(args.model, gallery=args.gallery, db=args.db, precision=_decision_precision(args),
+                          runtime=args.runtime, onnx=args.onnx)
+    reader = FaceReader(service.model.config.input_size, args.faces, args.detector, args.min_face,
                         landmarks=args.landmarks)
-    summary = gallery.enroll(items, reader, precision=args.precision, progress=True)
+    summary = service.enroll_files(items, reader, progress=True)
     for problem in summary.failed:
         print(f"skipped: {problem}", file=sys.stderr)
+    gallery = service.gallery
     print(f"enrolled {summary.added} faces ({summary.duplicates} already in the gallery, {len(summary.failed)} without "
           f"a usable face) in {summary.seconds:.1f} s; {args.gallery}: {len(gallery)} faces of "
           f"{len(gallery.identities())} identities; faces: {reader.describe()}")
@@ -240,7 +239,7 @@ def _search(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from .photos import FaceReader
-    from .gallery import Gallery
+    from .galleries import Gallery
 
     gallery = Gallery.open(args.gallery, model_dir=args.model, runtime=args.runtime, onnx_path=args.onnx)
     reader = FaceReader(gallery.model.config.input_size, args.faces, args.detector, args.min_face,
@@ -262,7 +261,7 @@ def _search(args: argparse.Namespace) -> int:
 def _gallery(args: argparse.Namespace) -> int:
     import json
 
-    from .gallery import Gallery
+    from .galleries import Gallery
 
     gallery = Gallery.open(args.gallery, load_model=False)
     if args.action == "list":
@@ -278,6 +277,53 @@ def _gallery(args: argparse.Namespace) -> int:
     return 0
 
 
+def _decision_precision(args: argparse.Namespace) -> str:
+    """fp32 or bf16 for a command's --precision ("auto" resolved as occface.precision measures it)."""
+    from .precision import resolve_precision
+
+    return resolve_precision(args.precision)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if args.action and args.action[0] == "keys":
+        return _serve_keys(args)
+    if args.action:
+        raise InputError(f"occface serve: unexpected {' '.join(args.action)!r} (did you mean `occface serve keys ...`?)")
+    if not args.model:
+        raise InputError("occface serve needs --model MODEL_DIR")
+    from .service.images import Limits
+    from .service.server import Settings, serve
+
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6),
+                    max_faces=args.max_faces, request_timeout=args.timeout)
+    serve(Settings(args.model, args.gallery, args.db, args.host, args.port, args.workers, args.precision, args.runtime,
+                   args.onnx, args.landmarks, args.detector, limits))
+    return 0
+
+
+def _serve_keys(args: argparse.Namespace) -> int:
+    from .service.database import Database, database_url
+
+    words = args.action[1:]
+    if not words or words[0] not in ("add", "list", "revoke"):
+        raise InputError("occface serve keys: expected add NAME, list, or revoke KEY_ID_OR_NAME")
+    database = Database(database_url(args.db, args.gallery))
+    if words[0] == "add":
+        if len(words) != 2:
+            raise InputError("occface serve keys add needs one NAME (e.g. gate-3)")
+        key = database.add_key(words[1])
+        print(f"API key {words[1]!r} (shown once; occface keeps only its hash):\n{key}")
+    elif words[0] == "list":
+        for row in database.keys():
+            state = f"revoked {row['revoked_at']}" if row["revoked_at"] else "active"
+            print(f"{row['key_id']}\t{row['name']}\tcreated {row['created_at']}\t{state}")
+    else:
+        if len(words) != 2:
+            raise InputError("occface serve keys revoke needs the KEY_ID or NAME")
+        print(f"revoked: {', '.join(database.revoke_key(words[1]))}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from .export import describe_result, export_onnx
 
@@ -287,8 +333,10 @@ def _export(args: argparse.Namespace) -> int:
 
 def _face_options(parser: argparse.ArgumentParser) -> None:
     """How a command reads faces (aligned crops, or photos to detect and align) and runs the model."""
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="auto: bf16 on GPUs, and on CPUs with native bf16 where it measures faster; else fp32")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                        help="fp32 (default): scores and decisions as the thresholds were calibrated, the same on "
+                             "every machine; bf16: faster on CPUs with fast bf16, scores move by a few percent of their "
+                             "spread; auto: bf16 where it measures faster (measured once per machine)")
     parser.add_argument("--faces", choices=("auto", "aligned", "detect"), default="auto",
                         help="auto: an image of the model's input size is an aligned face, any other is a photo to "
                              "detect and align; aligned / detect: force either")
@@ -368,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--model", required=True)
     enroll.add_argument("--gallery", required=True, help="gallery folder (made on first use)")
     enroll.add_argument("--identity", default=None, help="identity of single images given as inputs")
+    enroll.add_argument("--db", default=None, help="the service's database URL (default: SQLite in the gallery)")
     _face_options(enroll)
     enroll.set_defaults(run=_enroll)
 
@@ -386,6 +435,27 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--onnx", default=None, help="graph to write (default: MODEL/model.onnx)")
     export.add_argument("--opset", type=int, default=17, help="ONNX opset")
     export.set_defaults(run=_export)
+
+    server = command("serve", help="face matching and search as an HTTP service (`occface serve keys ...`: API keys)")
+    server.add_argument("action", nargs="*", help="keys add NAME | keys list | keys revoke KEY (else: run the server)")
+    server.add_argument("--model", help="model directory")
+    server.add_argument("--gallery", default=None, help="gallery folder for enrolment and search (made on first use)")
+    server.add_argument("--db", default=None, help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db "
+                                                   "(default: SQLite in the gallery folder)")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (not loopback: API keys needed)")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--workers", type=int, default=1, help="server processes")
+    server.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="fp32: decisions as calibrated (default); bf16: faster on some CPUs, scores move a little")
+    server.add_argument("--runtime", choices=("torch", "onnx"), default="torch")
+    server.add_argument("--onnx", default=None, help="the graph for --runtime onnx (default: MODEL/model.onnx)")
+    server.add_argument("--detector", default=None, help="YuNet 2023mar .onnx (default: as `occface models` finds it)")
+    _landmark_option(server)
+    server.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image upload (MiB)")
+    server.add_argument("--max-megapixels", type=float, default=40.0, help="largest image (millions of pixels)")
+    server.add_argument("--max-faces", type=int, default=20, help="most faces /v1/faces reports for a photo")
+    server.add_argument("--timeout", type=float, default=30.0, help="seconds a request may take, waiting included")
+    server.set_defaults(run=_serve)
 
     galleries = command("gallery", help="list, summarise or edit a gallery")
     galleries.add_argument("action", choices=("list", "stats", "remove"))

@@ -148,6 +148,9 @@ class TrainSection:
     # niqabs, which files most masked faces as clean). Off by default: on LFW it helps masked pairs and
     # costs niqab pairs (see the README).
     calibrate_strata: bool = False
+    # Fit the re-rank for 1:N search on searches of the validation people (occface.search_calibration),
+    # stored with the model beside the pair calibration.
+    calibrate_search: bool = True
     image_grid_every: int = 100
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     progress: bool = True

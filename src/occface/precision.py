@@ -9,9 +9,15 @@ matmuls ran slower. So ``"auto"`` decides by measuring:
 * on a CPU without an ``avx512_bf16`` or ``amx_bf16`` flag: fp32, nothing measured;
 * on a CPU with one: the work itself (a forward pass of the network on the first batch, a block of
   QAConv correlations, a training step's forward and backward) is timed in fp32 and in bf16, once
-  per kind of work, batch size and process, and bf16 is used where it is at least
+  per kind of work, batch size and machine, and bf16 is used where it is at least
   :data:`MIN_SPEEDUP` times faster (training: :data:`MIN_TRAINING_SPEEDUP`). Where no work is given
-  to time, the CPU's flag decides.
+  to time, the CPU's flag decides. What was measured is kept in ``$OCCFACE_HOME/precision.json``
+  under the CPU's model name and the torch version, so later processes on the machine read it
+  instead of measuring again (``OCCFACE_PRECISION_REMEASURE=1`` measures anew).
+
+Commands that decide (match, verify, search, eval, the service) default to fp32: thresholds are
+calibrated in fp32, and bf16 moves a score by a few percent of its spread, so a decision would
+otherwise depend on the CPU that made it.
 
 What is thresholded or accumulated (embedding normalisation, scores, losses) stays fp32 whatever
 the setting. ``OCCFACE_PRECISION`` (auto, fp32, bf16) overrides ``"auto"`` for a whole process.
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import platform
@@ -38,6 +45,7 @@ MIN_SPEEDUP = 1.15
 MIN_TRAINING_SPEEDUP = 1.5  # bf16-mixed training costs reproducibility: it has to pay clearly
 
 _measured: dict[Hashable, float] = {}
+_CACHE_NAME = "precision.json"
 
 
 @functools.lru_cache(maxsize=1)
@@ -69,14 +77,60 @@ def _seconds(run: Callable[[], object], repeats: int) -> float:
     return best
 
 
+@functools.lru_cache(maxsize=1)
+def machine_id() -> str:
+    """The CPU's model name, core count and the torch version: what a measurement is valid for."""
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                name = line.partition(":")[2].strip()
+                break
+    return f"{name} | {os.cpu_count()} cores | torch {torch.__version__}"
+
+
+def _cache_path() -> Path:
+    return Path(os.environ.get("OCCFACE_HOME") or Path.home() / ".cache" / "occface") / _CACHE_NAME
+
+
+def _read_cache() -> dict:
+    try:
+        data = json.loads(_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data.get(machine_id(), {}) if isinstance(data, dict) else {}
+
+
+def _write_cache(key: str, speedup: float) -> None:
+    """Add one measurement to the machine's cache file (atomically; a failure only costs a re-measure)."""
+    path = _cache_path()
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data = data if isinstance(data, dict) else {}
+        data.setdefault(machine_id(), {})[key] = round(speedup, 4)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(data, indent=2))
+        os.replace(temporary, path)
+    except (OSError, ValueError) as error:
+        log.debug("precision cache not written (%s)", error)
+
+
 def bf16_speedup(key: Hashable, fp32_run: Callable[[], object], bf16_run: Callable[[], object],
                  repeats: int = 2) -> float:
     """How many times faster ``bf16_run`` is than ``fp32_run`` (best of ``repeats`` after a warm-up
-    each), measured once per ``key`` and process."""
+    each), measured once per ``key`` and machine (kept in ``$OCCFACE_HOME/precision.json``)."""
     if key not in _measured:
+        name = repr(key)
+        cached = None if os.environ.get("OCCFACE_PRECISION_REMEASURE") else _read_cache().get(name)
+        if cached is not None:
+            _measured[key] = float(cached)
+            return _measured[key]
         fp32_run(), bf16_run()  # warm-up: allocation and oneDNN's kernel choice
         _measured[key] = _seconds(fp32_run, repeats) / max(_seconds(bf16_run, repeats), 1e-9)
         log.info("precision auto for %s: bf16 runs at %.2fx the speed of fp32", key, _measured[key])
+        _write_cache(name, _measured[key])
     return _measured[key]
 
 

@@ -37,6 +37,7 @@ from .losses import LossWeights
 from .metrics import evaluate_pairs, threshold_at_far
 from .objective import MultiTaskModule, build_model, class_mean_embeddings, model_config
 from .reports import visibility_grid
+from .search_calibration import calibrate_search
 from .teacher_cache import TeacherCache, cache_fits
 from .scoring import (choose_fusion_weights, choose_strata_rule, describe_fusion_weight, fuse, fusion_normalization,
                       network_key, pair_strata)
@@ -218,7 +219,7 @@ def calibrate_on(model: OccFaceModel, validation: OcclusionPairs, config: Config
     """Score ``model`` on the validation pairs and return (its calibration, :func:`calibrate`, with
     the strata rule and fusion choices of ``config.train``; the metrics of every source, the fused
     one scored as the saved model will fuse: with the rule and the weights chosen on these pairs)."""
-    metrics, scores, features = evaluate_occlusion_pairs(model, validation, device=device)
+    metrics, scores, features = evaluate_occlusion_pairs(model, validation, device=device, precision="fp32")
     rule = choose_strata_rule(features.occlusion, features.occluded.numpy()) if config.train.calibrate_strata else None
     strata = pair_strata(features, validation.pairs, rule)
     calibration, fused = calibrate(scores, validation.issame, strata, config.train.calibrate_fusion, rule=rule)
@@ -237,6 +238,11 @@ def recalibrate(run_dir: str | Path) -> dict:
         raise ConfigError(f"{run_dir / 'config.yaml'}: the run has no validation identities to calibrate on")
     model = OccFaceModel.from_pretrained(run_dir / "model")
     model.config.calibration, _ = calibrate_on(model, validation, config)
+    if config.train.calibrate_search:
+        data = build_data(config)
+        search = calibrate_search(model, data.holdout, data.synthesizer, seed=config.train.seed + 2)
+        if search is not None:
+            model.config.calibration["search"] = search
     model.save_pretrained(run_dir / "model")
     return model.config.calibration
 
@@ -537,8 +543,16 @@ class Trainer:
         return metrics
 
     def _export(self, metrics: dict | None) -> None:
-        """Save the model for ``OccFaceModel.from_pretrained``, calibrated on the validation pairs."""
+        """Save the model for ``OccFaceModel.from_pretrained``, calibrated on the validation pairs
+        (and, with ``train.calibrate_search``, on searches of the validation people)."""
         model = self.module.model
         if metrics is not None:
             model.config.calibration = self._calibration
+            model.config.calibration["precision"] = "fp32"
+            if self.config.train.calibrate_search and self.data.holdout is not None:
+                search = calibrate_search(model, self.data.holdout, self.data.synthesizer,
+                                          seed=self.config.train.seed + 2, device=self.fabric.device)
+                if search is not None:
+                    model.config.calibration["search"] = search
+            model.train()
         model.save_pretrained(self.out_dir / "model")

@@ -1,115 +1,40 @@
-"""A gallery of enrolled faces on disk, and 1:N search: a FAISS shortlist on the embedding, re-ranked
-by the model's calibrated fusion of the embedding with plain and occlusion-weighted QAConv
-(:mod:`occface.scoring`).
+"""A gallery of enrolled faces on disk (:mod:`occface.galleries.shards` gives the layout).
 
-Layout of a gallery folder ``G``::
+Only the embeddings are read whole (into the FAISS index, :mod:`occface.galleries.search`); the
+maps and visibility of a query's shortlist are read from disk row by row. The same file (by
+content) is enrolled once. A gallery refuses a model other than the one it was built with (the
+sha256 of its weights).
 
-    G/manifest.json          format, version, the model it was built with, its shards (name, count)
-    G/shards/<name>/         embeddings.npy  float32 [n, E]   (unit norm, flip-and-norm fused)
-                             maps.npy        float16 [n, C, H, W]   (QAConv's feature maps)
-                             visibility.npy  float16 [n, 1, H, W]   (predicted visibility)
-                             entries.csv     identity, source, sha256 of the source file
-
-A write builds its shard under a temporary name, renames it into place and then replaces the
-manifest atomically, so a killed write leaves the gallery as it was. Only the embeddings
-are read whole (into the FAISS index); the maps and visibility of a query's shortlist are read from
-disk row by row (:class:`NpyRows`). The same file (by content) is enrolled once. A gallery refuses a model other than the
-one it was built with (the sha256 of its weights).
-
-Index: exact inner product (``IndexFlatIP``) up to :data:`EXACT_UP_TO` faces; above, an inverted
-file (``IVF<sqrt(4n)>,Flat``, 32 lists probed) trained on the gallery's embeddings.
+Writers, in this process or another, take the gallery's lock (``G/.lock``, an exclusive
+``flock``), read the manifest again, write a shard and commit the manifest; readers notice a new
+``generation`` and load what changed (appended shards are added to the index, anything else
+rebuilds it), so several server workers can share one gallery.
 """
 from __future__ import annotations
 
-import csv
-import json
-import math
-import os
+import contextlib
 import shutil
+import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .photos import FaceReader
-from .data.errors import DataError, DataProblems
-from .data.images import file_sha256
-from .data.verification import ImageListDataset
-from .errors import InputError
-from .models.occface import WEIGHTS_FILE
-from .onnx_model import FaceModel, load_face_model
-from .scoring import Features, calibrated_fused, cpu_matcher, extract_features, matcher_dtype
+from ..data.errors import DataError
+from ..data.images import file_sha256
+from ..data.verification import ImageListDataset
+from ..errors import InputError
+from ..models.occface import WEIGHTS_FILE
+from ..onnx_model import FaceModel, load_face_model
+from ..photos import FaceReader
+from ..scoring import Features, extract_features, predicted_occluded
+from .search import SearchIndex, SearchResult, search_features
+from .shards import (ARRAYS, FORMAT, VERSION, Entry, NpyRows, model_fingerprint, new_face_id, now_utc, read_entries,
+                     read_manifest, write_json_atomically, write_shard)
 
-FORMAT, VERSION = "occface-gallery", 1
 EXACT_UP_TO = 1_000_000
 IVF_PROBES = 32
-
-
-def model_fingerprint(model: FaceModel, model_dir: str | Path) -> dict:
-    """What a gallery records of its model: where it was, its shape, and its weights' sha256."""
-    model_dir = Path(model_dir)
-    config = model.config
-    return {"path": str(model_dir.resolve()), "arch": config.arch, "feature_level": config.feature_level,
-            "weights_sha256": file_sha256(model_dir / WEIGHTS_FILE)}
-
-
-class NpyRows:
-    """Rows of an ``.npy`` file, read on demand with ``pread``. A search reads a hundred rows
-    scattered over the shards; a memory map would keep every page it touched, and the large folios
-    the kernel maps around each, resident in the searching process (at 1M faces, 50 queries: 3.9 GB
-    of mapped file pages for 0.25 GB of rows). Read this way the rows stay in the page cache only."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        with open(path, "rb") as handle:
-            version = np.lib.format.read_magic(handle)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            self.shape, fortran, self.dtype = read_header(handle)
-            self.offset = handle.tell()
-        if fortran:
-            raise InputError(f"{path}: a Fortran-ordered array; occface writes C order")
-        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        self._handle = open(path, "rb", buffering=0)
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._handle.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def row(self, index: int) -> np.ndarray:
-        """Row ``index`` [*shape[1:]] (a copy)."""
-        start = self.offset + int(index) * self.row_bytes
-        if hasattr(os, "pread"):
-            data = os.pread(self._handle.fileno(), self.row_bytes, start)
-        else:  # no pread (Windows): seek and read
-            self._handle.seek(start)
-            data = self._handle.read(self.row_bytes)
-        if len(data) != self.row_bytes:
-            raise InputError(f"{self.path}: truncated (row {index} of {self.shape[0]} cannot be read)")
-        return np.frombuffer(data, self.dtype).reshape(self.shape[1:])
-
-    def read(self) -> np.ndarray:
-        """The whole array, read into memory."""
-        return np.load(self.path)
-
-    def close(self) -> None:
-        self._handle.close()
-
-
-def _write_json_atomically(data: dict, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    temporary.write_text(json.dumps(data, indent=2))
-    os.replace(temporary, path)
-
-
-@dataclass
-class Entry:
-    identity: str
-    source: str
-    sha256: str
 
 
 @dataclass
@@ -118,24 +43,7 @@ class EnrollSummary:
     duplicates: int
     failed: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-
-@dataclass
-class Candidate:
-    """One gallery identity for a query: its best-scoring entry and every source's score of it."""
-
-    identity: str
-    source: str
-    scores: dict[str, float]
-
-
-@dataclass
-class SearchResult:
-    query: str
-    candidates: list[Candidate]     # best first, one per identity
-    decision: str                   # the best identity, or "unknown" below the model's threshold
-    ranked_by: str                  # "fused" for a calibrated model, else "embedding"
-    threshold: float | None
+    entries: list[Entry] = field(default_factory=list)  # the faces added, with their ids
 
 
 class Gallery:
@@ -145,9 +53,10 @@ class Gallery:
                  onnx_path: str | Path | None = None) -> None:
         self.path, self.manifest, self._model = path, manifest, model
         self._runtime, self._onnx_path = runtime, onnx_path
-        self._index = None
+        self._index: SearchIndex | None = None
         self._arrays: list[dict] | None = None
         self._entries: list[Entry] | None = None
+        self._guard = threading.RLock()
 
     # ------------------------------------------------------------ opening
     @classmethod
@@ -156,8 +65,9 @@ class Gallery:
         if (path / "manifest.json").is_file():
             raise InputError(f"{path}: a gallery exists here already")
         (path / "shards").mkdir(parents=True, exist_ok=True)
-        manifest = {"format": FORMAT, "version": VERSION, "model": model_fingerprint(model, model_dir), "shards": []}
-        _write_json_atomically(manifest, path / "manifest.json")
+        manifest = {"format": FORMAT, "version": VERSION, "generation": 0,
+                    "model": model_fingerprint(model, model_dir), "shards": []}
+        write_json_atomically(manifest, path / "manifest.json")
         return cls(path, manifest, model)
 
     @classmethod
@@ -167,17 +77,7 @@ class Gallery:
         with neither, load the model the gallery records (``load_model=False``: when first needed).
         ``runtime``, ``onnx_path``: how a model loaded here runs its network (:func:`load_face_model`)."""
         path = Path(path)
-        manifest_path = path / "manifest.json"
-        if not manifest_path.is_file():
-            raise InputError(f"{path}: not a gallery (no manifest.json; `occface enroll` makes one)")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as error:
-            raise InputError(f"{manifest_path}: corrupt gallery manifest ({error})") from error
-        if manifest.get("format") != FORMAT:
-            raise InputError(f"{manifest_path}: not an occface gallery manifest")
-        if manifest.get("version") != VERSION:
-            raise InputError(f"{manifest_path}: gallery format version {manifest.get('version')}, this occface reads {VERSION}")
+        manifest = read_manifest(path)
         recorded = manifest["model"]
         if model is None and (load_model or model_dir is not None):
             model_dir = model_dir or recorded["path"]
@@ -196,19 +96,40 @@ class Gallery:
             self._model = load_face_model(self.manifest["model"]["path"], self._runtime, self._onnx_path)
         return self._model
 
+    @property
+    def generation(self) -> int:
+        return int(self.manifest.get("generation", 0))
+
     # ------------------------------------------------------------ contents
     def _shard_dir(self, name: str) -> Path:
         return self.path / "shards" / name
 
-    def _shard_entries(self, name: str) -> list[Entry]:
-        with (self._shard_dir(name) / "entries.csv").open(newline="") as handle:
-            return [Entry(**row) for row in csv.DictReader(handle)]
+    def refresh(self) -> bool:
+        """Load what another process committed since this one last looked; True when it changed."""
+        with self._guard:
+            on_disk = read_manifest(self.path)
+            if on_disk.get("generation") == self.generation and on_disk["shards"] == self.manifest["shards"]:
+                return False
+            old = [s["name"] for s in self.manifest["shards"]]
+            new = [s["name"] for s in on_disk["shards"]]
+            appended = new[:len(old)] == old
+            self.manifest = on_disk
+            self._entries = None
+            if appended and self._arrays is not None:
+                self._arrays += [self._open_arrays(s["name"]) for s in on_disk["shards"][len(old):]]
+                if self._index is not None:
+                    self._index.add_shards(self._arrays[len(old):])
+            else:
+                self._close_arrays()
+                self._index = None
+            return True
 
     def entries(self) -> list[Entry]:
         """Every enrolled face, in index order."""
-        if self._entries is None:
-            self._entries = [e for shard in self.manifest["shards"] for e in self._shard_entries(shard["name"])]
-        return self._entries
+        with self._guard:
+            if self._entries is None:
+                self._entries = [e for shard in self.manifest["shards"] for e in read_entries(self._shard_dir(shard["name"]))]
+            return self._entries
 
     def __len__(self) -> int:
         return sum(shard["count"] for shard in self.manifest["shards"])
@@ -223,8 +144,11 @@ class Gallery:
     def stats(self) -> dict:
         size = sum(f.stat().st_size for f in (self.path / "shards").rglob("*") if f.is_file())
         return {"faces": len(self), "identities": len(self.identities()), "shards": len(self.manifest["shards"]),
-                "bytes_on_disk": size, "model": self.manifest["model"],
+                "bytes_on_disk": size, "model": self.manifest["model"], "version": self.manifest["version"],
                 "index": "exact inner product (IndexFlatIP)" if len(self) <= EXACT_UP_TO else "IVF (approximate)"}
+
+    def _open_arrays(self, name: str) -> dict:
+        return {key: NpyRows(self._shard_dir(name) / f"{key}.npy") for key in ARRAYS}
 
     def _close_arrays(self) -> None:
         for arrays in self._arrays or []:
@@ -234,18 +158,41 @@ class Gallery:
 
     def _load_arrays(self) -> list[dict]:
         if self._arrays is None:
-            self._arrays = [{name: NpyRows(self._shard_dir(shard["name"]) / f"{name}.npy")
-                             for name in ("embeddings", "maps", "visibility")} for shard in self.manifest["shards"]]
+            self._arrays = [self._open_arrays(shard["name"]) for shard in self.manifest["shards"]]
         return self._arrays
 
     # ------------------------------------------------------------ writing
+    @contextlib.contextmanager
+    def writing(self):
+        """The gallery's write lock (this process's threads and other processes), with the manifest
+        read again inside it, so a write starts from every commit before it."""
+        import fcntl
+
+        with self._guard:
+            with open(self.path / ".lock", "a+") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                try:
+                    self.refresh()
+                    yield self
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+
     def _commit(self, shards: list[dict], drop: list[str] = ()) -> None:
-        self.manifest = {**self.manifest, "shards": shards}
-        _write_json_atomically(self.manifest, self.path / "manifest.json")
+        appended = [s for s in shards if s not in self.manifest["shards"]]
+        is_append = shards[:len(self.manifest["shards"])] == self.manifest["shards"]
+        self.manifest = {**self.manifest, "version": VERSION, "generation": self.generation + 1, "shards": shards}
+        write_json_atomically(self.manifest, self.path / "manifest.json")
         for name in drop:
             shutil.rmtree(self._shard_dir(name), ignore_errors=True)
-        self._close_arrays()
-        self._index, self._entries = None, None
+        self._entries = None
+        if is_append and self._arrays is not None:
+            opened = [self._open_arrays(s["name"]) for s in appended]
+            self._arrays += opened
+            if self._index is not None:
+                self._index.add_shards(opened)
+        else:
+            self._close_arrays()
+            self._index = None
         self._clean_orphans()
 
     def _clean_orphans(self) -> None:
@@ -255,24 +202,11 @@ class Gallery:
             if folder.name not in known:
                 shutil.rmtree(folder, ignore_errors=True)
 
-    def _write_shard(self, entries: list[Entry], features: Features) -> dict:
-        name = f"{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}"
-        temporary = self.path / "shards" / f".{name}.tmp"
-        temporary.mkdir(parents=True)
-        np.save(temporary / "embeddings.npy", features.embedding.numpy().astype(np.float32))
-        np.save(temporary / "maps.npy", features.feature_map.numpy().astype(np.float16))
-        np.save(temporary / "visibility.npy", features.occlusion.numpy().astype(np.float16))
-        with (temporary / "entries.csv").open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["identity", "source", "sha256"])
-            writer.writerows([e.identity, e.source, e.sha256] for e in entries)
-        os.replace(temporary, self._shard_dir(name))
-        return {"name": name, "count": len(entries)}
-
     def enroll(self, items: list[tuple[str | Path, str]], reader: FaceReader | None = None, batch_size: int = 64,
-               precision: str = "auto", progress: bool = False) -> EnrollSummary:
+               precision: str = "fp32", progress: bool = False, after_commit=None) -> EnrollSummary:
         """Add faces: ``items`` (source image, identity). A file already in the gallery (by content)
-        is skipped; a file without a usable face is listed in ``failed`` and skipped."""
+        is skipped; a file without a usable face is listed in ``failed`` and skipped.
+        ``after_commit(entries)``: see :meth:`add`."""
         started = time.perf_counter()
         reader = reader or FaceReader(self.model.config.input_size)
         known = {entry.sha256 for entry in self.entries()}
@@ -283,81 +217,112 @@ class Gallery:
                 duplicates += 1
                 continue
             try:
-                faces.append(reader(source))
+                face, alignment = reader.read(source)
             except DataError as error:
                 failed.append(str(error))
                 continue
             known.add(digest)
-            entries.append(Entry(str(identity), str(source), digest))
-        if entries:
-            dataset = ImageListDataset(faces, input_size=self.model.config.input_size)
-            self.add(entries, extract_features(self.model, dataset, batch_size, precision=precision, progress=progress))
-        return EnrollSummary(len(entries), duplicates, failed, time.perf_counter() - started)
+            faces.append(face)
+            landmarks = "aligned" if alignment is None else f"{alignment.landmark_source}/{alignment.points_used}"
+            entries.append(Entry(str(identity), str(source), digest, landmarks=landmarks))
+        added = self.enroll_faces(faces, entries, batch_size, precision, progress, after_commit=after_commit) if entries else []
+        return EnrollSummary(len(added), duplicates, failed, time.perf_counter() - started, added)
 
-    def add(self, entries: list[Entry], features: Features) -> None:
-        """Append faces already through the model (one shard, committed atomically)."""
+    def enroll_faces(self, faces: list[np.ndarray], entries: list[Entry], batch_size: int = 64,
+                     precision: str = "fp32", progress: bool = False, before_commit=None,
+                     after_commit=None) -> list[Entry]:
+        """Add aligned faces (RGB uint8 [S, S, 3]) with their entries; each entry gets a new
+        ``face_id``, its enrolment time and what the model saw (``occluded``, ``visible``).
+        ``before_commit()`` and ``after_commit(entries)`` run under the gallery's lock just before
+        and after the commit (:meth:`add`). Returns the entries as stored."""
+        dataset = ImageListDataset(faces, input_size=self.model.config.input_size)
+        features = extract_features(self.model, dataset, batch_size, precision=precision, progress=progress)
+        rule = self.model.config.calibration.get("normalization") or None
+        occluded = predicted_occluded(features.occlusion, rule)
+        stamp = now_utc()
+        for entry, hidden, visibility in zip(entries, occluded, features.occlusion.flatten(1).mean(1).tolist()):
+            entry.face_id = entry.face_id or new_face_id()
+            entry.enrolled_at = entry.enrolled_at or stamp
+            entry.occluded, entry.visible = int(hidden), round(float(visibility), 4)
+        self.add(entries, features, before_commit, after_commit)
+        return entries
+
+    def add(self, entries: list[Entry], features: Features, before_commit=None, after_commit=None) -> None:
+        """Append faces already through the model (one shard, committed atomically). Under the
+        gallery's lock, ``before_commit()`` runs just before the commit (raising there writes
+        nothing) and ``after_commit(entries)`` just after it (a database's rows: written after the
+        shard, so a crash between the two leaves faces without rows, which reconciling adds)."""
         if len(entries) != len(features.embedding):
             raise ValueError(f"{len(entries)} entries for {len(features.embedding)} faces")
-        self._commit([*self.manifest["shards"], self._write_shard(entries, features)])
+        for entry in entries:
+            entry.face_id = entry.face_id or new_face_id()
+        with self.writing():
+            shard = write_shard(self.path / "shards", entries, features.embedding.numpy(), features.feature_map.numpy(),
+                                features.occlusion.numpy())
+            try:
+                if before_commit is not None:
+                    before_commit()
+            except BaseException:
+                shutil.rmtree(self._shard_dir(shard["name"]), ignore_errors=True)
+                raise
+            self._commit([*self.manifest["shards"], shard])
+            if after_commit is not None:
+                after_commit(entries)
 
     def remove(self, identity: str) -> int:
         """Remove every face of ``identity``; returns how many. Shards holding it are rewritten."""
-        kept_shards, dropped, removed = [], [], 0
-        for shard, arrays in zip(self.manifest["shards"], self._load_arrays()):
-            entries = self._shard_entries(shard["name"])
-            keep = [i for i, e in enumerate(entries) if e.identity != identity]
-            if len(keep) == len(entries):
-                kept_shards.append(shard)
-                continue
-            removed += len(entries) - len(keep)
-            dropped.append(shard["name"])
-            if keep:
-                features = Features(*(torch.from_numpy(np.asarray(arrays[k].read()[keep], np.float32))
-                                      for k in ("embeddings", "maps", "visibility")), torch.zeros(len(keep), dtype=torch.bool))
-                kept_shards.append(self._write_shard([entries[i] for i in keep], features))
-        if not removed:
-            raise InputError(f"{self.path}: no faces of identity {identity!r} in the gallery")
-        self._close_arrays()
-        self._commit(kept_shards, dropped)
+        return len(self.remove_where(lambda entry: entry.identity == identity, f"identity {identity!r}"))
+
+    def remove_where(self, chosen, what: str = "the chosen faces", after_commit=None) -> list[Entry]:
+        """Remove every face whose entry ``chosen(entry)`` is true; returns their entries. Shards
+        holding one are rewritten, and the manifest committed once; ``after_commit(removed)`` runs
+        under the lock after the commit."""
+        with self.writing():
+            kept_shards, dropped, removed = [], [], []
+            for shard, arrays in zip(self.manifest["shards"], self._load_arrays()):
+                entries = read_entries(self._shard_dir(shard["name"]))
+                keep = [i for i, e in enumerate(entries) if not chosen(e)]
+                if len(keep) == len(entries):
+                    kept_shards.append(shard)
+                    continue
+                removed += [e for e in entries if chosen(e)]
+                dropped.append(shard["name"])
+                if keep:
+                    data = [arrays[k].read()[keep] for k in ARRAYS]
+                    kept_shards.append(write_shard(self.path / "shards", [entries[i] for i in keep], *data))
+            if not removed:
+                raise InputError(f"{self.path}: no faces of {what} in the gallery")
+            self._close_arrays()
+            self._commit(kept_shards, dropped)
+            if after_commit is not None:
+                after_commit(removed)
         return removed
 
     # ------------------------------------------------------------ search
-    def index(self):
+    def index(self) -> SearchIndex:
         """The FAISS index of every enrolled embedding (built on first use)."""
-        import faiss
+        with self._guard:
+            if self._index is None:
+                arrays = self._load_arrays()
+                if not arrays:
+                    raise InputError(f"{self.path}: the gallery is empty (enrol faces first)")
+                self._index = SearchIndex.build(arrays, EXACT_UP_TO, IVF_PROBES)
+            return self._index
 
-        if self._index is None:
-            arrays = self._load_arrays()
-            if not arrays:
-                raise InputError(f"{self.path}: the gallery is empty (enrol faces first)")
-            embeddings = np.ascontiguousarray(np.concatenate([a["embeddings"].read() for a in arrays]), dtype=np.float32)
-            dimension = embeddings.shape[1]
-            if len(embeddings) <= EXACT_UP_TO:
-                index = faiss.IndexFlatIP(dimension)
-            else:
-                lists = int(4 * math.sqrt(len(embeddings)))
-                index = faiss.index_factory(dimension, f"IVF{lists},Flat", faiss.METRIC_INNER_PRODUCT)
-                sample = embeddings[np.random.default_rng(0).choice(len(embeddings), min(len(embeddings), 64 * lists),
-                                                                    replace=False)]
-                index.train(sample)
-                index.nprobe = IVF_PROBES
-            index.add(embeddings)
-            self._index = index
-        return self._index
-
-    def _rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[Entry]]:
+    def rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[Entry]]:
         """Feature maps [K, C, H, W] and visibility [K, 1, H, W] (float32) and entries of global rows."""
-        arrays, entries = self._load_arrays(), self.entries()
-        starts = np.cumsum([0] + [shard["count"] for shard in self.manifest["shards"]])
-        maps, visibility = [], []
-        for row in indices:
-            shard = int(np.searchsorted(starts, row, side="right") - 1)
-            maps.append(arrays[shard]["maps"].row(row - starts[shard]))
-            visibility.append(arrays[shard]["visibility"].row(row - starts[shard]))
-        return (np.asarray(maps, np.float32), np.asarray(visibility, np.float32), [entries[i] for i in indices])
+        with self._guard:
+            arrays, entries = self._load_arrays(), self.entries()
+            starts = np.cumsum([0] + [shard["count"] for shard in self.manifest["shards"]])
+            maps, visibility = [], []
+            for row in indices:
+                shard = int(np.searchsorted(starts, row, side="right") - 1)
+                maps.append(arrays[shard]["maps"].row(row - starts[shard]))
+                visibility.append(arrays[shard]["visibility"].row(row - starts[shard]))
+            return np.asarray(maps, np.float32), np.asarray(visibility, np.float32), [entries[i] for i in indices]
 
     def search(self, queries: list[str | Path | np.ndarray], top: int = 10, shortlist: int = 100,
-               reader: FaceReader | None = None, precision: str = "auto") -> list[SearchResult]:
+               reader: FaceReader | None = None, precision: str = "fp32") -> list[SearchResult]:
         """Rank the gallery's identities for each query (an image file, a photo, or an aligned RGB
         uint8 face [S, S, 3]): FAISS shortlist of ``shortlist`` faces by embedding, re-ranked by
         the calibrated fusion of embedding, QAConv and occlusion-weighted QAConv."""
@@ -370,76 +335,15 @@ class Gallery:
         return self.search_features(probe, names, top, shortlist, precision)
 
     def search_features(self, probe: Features, names: list[str], top: int = 10, shortlist: int = 100,
-                        precision: str = "auto") -> list[SearchResult]:
-        """:meth:`search` for probes already through the model (``Features`` of N faces)."""
-        model = self.model
-        similarities, neighbours = self.index().search(probe.embedding.numpy().astype(np.float32), min(shortlist, len(self)))
-        qaconv = cpu_matcher(model)
-        dtype = matcher_dtype(qaconv, probe.feature_map, precision)
-        calibration = model.config.calibration
-        results = []
-        for q, name in enumerate(names):
-            found = neighbours[q] >= 0
-            rows, embedding = neighbours[q][found], similarities[q][found]
-            maps, visibility, entries = self._rows(rows)
-            maps_t, visibility_t = torch.from_numpy(maps), torch.from_numpy(visibility)
-            plain = qaconv.score_all(probe.feature_map[q:q + 1], maps_t, dtype=dtype)[0].numpy()
-            weighted = qaconv.score_all(probe.feature_map[q:q + 1], maps_t, probe.occlusion[q:q + 1], visibility_t,
-                                        dtype=dtype)[0].numpy()
-            fused = calibrated_fused(model, {"embedding": embedding, "qaconv": plain, "qaconv_weighted": weighted},
-                                     probe.occlusion[q:q + 1], visibility_t)
-            ranked_by = "fused" if fused is not None else "embedding"
-            key = fused if fused is not None else embedding
-            best: dict[str, Candidate] = {}
-            for i in np.argsort(-key):
-                entry = entries[i]
-                if entry.identity not in best:
-                    scores = {"embedding": float(embedding[i]), "qaconv": float(plain[i]),
-                              "qaconv_weighted": float(weighted[i])}
-                    if fused is not None:
-                        scores["fused"] = float(fused[i])
-                    best[entry.identity] = Candidate(entry.identity, entry.source, scores)
-            candidates = list(best.values())[:top]
-            stored = calibration.get(ranked_by)
-            threshold = stored.get("threshold") if isinstance(stored, dict) else None
-            decision = candidates[0].identity if candidates else "unknown"
-            if candidates and threshold is not None and candidates[0].scores[ranked_by] < threshold:
-                decision = "unknown"
-            results.append(SearchResult(name, candidates, decision, ranked_by, threshold))
-        return results
+                        precision: str = "fp32", only: set[str] | None = None) -> list[SearchResult]:
+        """:meth:`search` for probes already through the model (``Features`` of N faces); ``only``:
+        rank just these identities (a verification against an enrolled subject)."""
+        with self._guard:
+            self.refresh()
+            return search_features(self, probe, names, top, shortlist, precision, only)
 
 
-def enrollment_items(inputs: list[str | Path], identity: str | None = None) -> list[tuple[Path, str]]:
-    """(image, identity) from command-line inputs: a folder of identity folders (``ann/1.jpg`` is
-    ann's), a CSV with ``path,identity`` columns (paths relative to the CSV's folder), or, with
-    ``identity`` given, single images and folders of that identity's images."""
-    from .data.images import is_image_file
-
-    items, problems = [], []
-    for raw in inputs:
-        path = Path(raw)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p)
-                           and (identity is not None or p.parent != path))
-            if not found:
-                problems.append(f"{path}: no images in identity folders (expected {path}/<identity>/<image>)"
-                                if identity is None else f"{path}: no images")
-            items += [(p, identity or p.relative_to(path).parts[0]) for p in found]
-        elif path.suffix.lower() == ".csv" and path.is_file():
-            with path.open(newline="") as handle:
-                reader = csv.DictReader(handle)
-                if not reader.fieldnames or not {"path", "identity"} <= set(reader.fieldnames):
-                    problems.append(f"{path}: a CSV of faces needs 'path' and 'identity' columns, has {reader.fieldnames}")
-                    continue
-                items += [(path.parent / row["path"], row["identity"]) for row in reader]
-        elif path.is_file() and is_image_file(path):
-            if identity is None:
-                problems.append(f"{path}: a single image needs --identity NAME")
-                continue
-            items.append((path, identity))
-        else:
-            problems.append(f"{path}: not found, or not a folder, CSV or image")
-    missing = [f"{p}: image not found" for p, _ in items if not Path(p).is_file()]
-    if problems or missing:
-        raise DataProblems("enrol inputs", problems + missing)
-    return items
+def features_of(faces: list[np.ndarray], model: FaceModel, precision: str = "fp32") -> Features:
+    """The model's features of aligned faces (RGB uint8 [S, S, 3])."""
+    dataset = ImageListDataset(faces, input_size=model.config.input_size)
+    return extract_features(model, dataset, precision=precision)
