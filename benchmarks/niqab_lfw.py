@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from occface.config import load_config
+from occface.data.images import file_sha256
 from occface.demo import default_config_path
 from occface.scoring import (calibrated_fusion_weight, describe_fusion_weight, embedding_scores, extract_features,
                              Features, pair_scores)
@@ -114,54 +115,103 @@ def concat_features(parts: Iterable[Features], sizes: list[int]) -> Features:
     return Features(**whole)
 
 
-def lfw_conditions(data: Path, held_out: bool, seed: int):
-    """The LFW images once per occlusion (none, niqab, mask; with ``held_out`` also the procedural
-    niqab and mask) as VariantDatasets, and per condition the official pairs as indices into their
-    concatenation: {condition: (pairs [N, 2], pair types [N])}, plus issame and folds."""
-    from occface.data import ImageListDataset, OcclusionSynthesizer, read_pairs_txt
+#: The occluders the LFW evaluation can synthesise: name -> (synthesizer source, kind). "overlay": the
+#: RGBA images in occluders/; "procedural": occface's flat drawn niqab and mask (no head outline);
+#: "drawn": the generator of occluders as a distribution (occface.data.drawn_occluders).
+OCCLUDERS = {"niqab": ("overlay", "niqab"), "mask": ("overlay", "mask"),
+             "procedural niqab": ("procedural", "niqab"), "procedural mask": ("procedural", "mask"),
+             "veil": ("drawn", "veil"), "facemask": ("drawn", "facemask")}
+for _sub in ("slit", "two-hole", "sheer", "full"):
+    OCCLUDERS[f"veil/{_sub}"] = ("drawn", f"veil/{_sub}")
+
+
+def lfw_base(data: Path, first_pairs: int | None = None):
+    """(LFW's official pairs, their images as a dataset); ``first_pairs``: only N pairs of the first
+    fold, half same and half different, and the images they use (a quick look)."""
+    import dataclasses
+
+    from occface.data import ImageListDataset, read_pairs_txt
 
     pair_set = read_pairs_txt(data / "lfw112_pairs.txt", data / "lfw112")
-    base = ImageListDataset(pair_set.images, input_size=112)
+    if first_pairs:
+        half = min(first_pairs // 2, 300)
+        chosen = np.concatenate([np.arange(half), 300 + np.arange(half)])  # fold 1: 300 same, then 300 not
+        pairs = pair_set.pairs[chosen]
+        used, remapped = np.unique(pairs, return_inverse=True)
+        pair_set = dataclasses.replace(pair_set, images=[pair_set.images[i] for i in used],
+                                       pairs=remapped.reshape(pairs.shape), issame=pair_set.issame[chosen],
+                                       folds=None)
+    return pair_set, ImageListDataset(pair_set.images, input_size=112)
+
+
+def occluder_dataset(data: Path, base, name: str, seed: int):
+    """The LFW images with occluder ``name`` (:data:`OCCLUDERS`) on every one, or clean for "clean"."""
+    from occface.data import OcclusionSynthesizer
+
+    count = len(base)
+    if name == "clean":
+        return VariantDataset(base, [(i, False) for i in range(count)])
+    source, kind = OCCLUDERS[name]
+    synthesizer = (OcclusionSynthesizer.from_directory(data / "occluders", [kind]) if source == "overlay" else
+                   OcclusionSynthesizer([], [kind]))
+    offset = sorted(OCCLUDERS).index(name) + 1  # each occluder its own draws
+    return VariantDataset(base, [(i, kind) for i in range(count)], synthesizer, seed + offset)
+
+
+def pair_sets(pair_set, occluded: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The official pairs as indices into [clean images | occluded images]: clean pairs alone, or
+    one face / both faces occluded."""
     count = len(pair_set.images)
-    overlays = OcclusionSynthesizer.from_directory(data / "occluders", ["niqab", "mask"])
-    datasets = [VariantDataset(base, [(i, False) for i in range(count)]),
-                VariantDataset(base, [(i, "niqab") for i in range(count)], overlays, seed),
-                VariantDataset(base, [(i, "mask") for i in range(count)], overlays, seed + 1)]
-    kinds = {"niqab": 1, "mask": 2}
-    if held_out:
-        procedural = OcclusionSynthesizer.from_directory(None, ["niqab", "mask"])
-        datasets += [VariantDataset(base, [(i, "niqab") for i in range(count)], procedural, seed + 2),
-                     VariantDataset(base, [(i, "mask") for i in range(count)], procedural, seed + 3)]
-        kinds.update({"procedural niqab": 3, "procedural mask": 4})
     first, second = pair_set.pairs[:, 0], pair_set.pairs[:, 1]
-    conditions = {"clean": (np.stack([first, second], 1), np.full(len(first), "clean-clean"))}
-    for kind, block in kinds.items():
-        conditions[f"{kind}, one face"] = (np.stack([first, second + block * count], 1), np.full(len(first), "occluded-clean"))
-        conditions[f"{kind}, both faces"] = (np.stack([first + block * count, second + block * count], 1),
-                                             np.full(len(first), "occluded-occluded"))
-    return datasets, conditions, pair_set.issame, pair_set.folds
+    if not occluded:
+        return {"": (np.stack([first, second], 1), np.full(len(first), "clean-clean"))}
+    return {", one face": (np.stack([first, second + count], 1), np.full(len(first), "occluded-clean")),
+            ", both faces": (np.stack([first + count, second + count], 1), np.full(len(first), "occluded-occluded"))}
 
 
-def score_conditions(model, features: Features, conditions: dict, issame: np.ndarray, folds: np.ndarray,
-                     sources: tuple[str, ...]) -> tuple[dict, dict]:
-    """{condition: {source: metrics}} and {condition: {source: scores}}. Each occluder is fused
-    together with the clean pairs, as ``occface eval`` does for one occluder kind."""
-    metrics, raw = {}, {}
-    weight = calibrated_fusion_weight(model)
-    for condition, (pairs, types) in conditions.items():
-        if condition == "clean":
-            group = [("clean", pairs, types)]
-        else:
-            group = [(condition, pairs, types), ("clean", *conditions["clean"])]
-        all_pairs = np.concatenate([g[1] for g in group])
-        if sources == ("embedding",):  # the untouched network and the baseline: no QAConv to score
-            scores = {"embedding": embedding_scores(features, all_pairs)}
-        else:
-            scores = pair_scores(model, features, all_pairs, weight)
-        own = slice(0, len(pairs))
-        raw[condition] = {s: scores[s][own] for s in sources}
-        metrics[condition] = {s: m["all"] for s, m in evaluate_pairs(raw[condition], issame, types, folds).items()}
-    return metrics, raw
+def trained_kinds(config_kinds: list[str], occluders: bool) -> set[str]:
+    """The conditions a model trained on: its config's occlusion kinds (overlays when it had them)."""
+    names = set()
+    for name, (source, kind) in OCCLUDERS.items():
+        family = kind.split("/")[0]
+        if source == "drawn" and (kind in config_kinds or family in config_kinds):
+            names.add(name)
+        if source == "overlay" and kind in config_kinds and occluders:
+            names.add(name)
+        if source == "procedural" and kind in config_kinds and not occluders:
+            names.add(name)
+    return names
+
+
+def score_condition(model, features: Features, pairs: np.ndarray, types: np.ndarray, clean_pairs: np.ndarray | None,
+                    issame: np.ndarray, folds, sources: tuple[str, ...]) -> tuple[dict, dict]:
+    """({source: metrics}, {source: scores}) of one pair set; an occluded set is fused together
+    with the clean pairs, as ``occface eval`` does for one occluder kind."""
+    all_pairs = pairs if clean_pairs is None else np.concatenate([pairs, clean_pairs])
+    if sources == ("embedding",):  # the untouched network and the baseline: no QAConv to score
+        scores = {"embedding": embedding_scores(features, all_pairs)}
+    else:
+        scores = pair_scores(model, features, all_pairs, calibrated_fusion_weight(model))
+    own = {s: scores[s][: len(pairs)] for s in sources}
+    metrics = {s: m["all"] for s, m in evaluate_pairs(own, issame, types, folds).items()}
+    return metrics, own
+
+
+def cached_features(cache: Path | None, key: str, compute) -> Features:
+    """Features from ``cache/key.pt`` when there, else computed and saved there (atomically)."""
+    import torch
+
+    if cache is None:
+        return compute()
+    path = cache / f"{key}.pt"
+    if path.is_file():
+        return Features(**torch.load(path, weights_only=True))
+    features = compute()
+    cache.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    torch.save({k: getattr(features, k) for k in ("embedding", "feature_map", "occlusion", "occluded")}, temporary)
+    temporary.replace(path)
+    return features
 
 
 def pretrained(args: argparse.Namespace) -> int:
@@ -178,7 +228,7 @@ def pretrained(args: argparse.Namespace) -> int:
         common.append(f"train.max_steps={args.steps}")
     if args.runtime == "onnx":
         common.append("loss.teacher_runtime=onnx")
-    config_path = default_config_path("finetune_mobilefacenet.yaml")
+    config_path = args.config or default_config_path("finetune_mobilefacenet.yaml")
     runs = {"full": [], "baseline": ["loss.adaface_weight=0", "loss.qaconv_weight=0", "loss.occlusion_weight=0",
                                      "loss.distill_map_weight=0", "loss.head_init=random"]}
     summaries = {}
@@ -195,7 +245,7 @@ def pretrained(args: argparse.Namespace) -> int:
                                                           "channels_last")}
         print(f"{name}: {summary['steps']} steps, {summary['images_per_second']:.1f} images/s, {summary['seconds']:.0f} s "
               f"({summary['precision']}{', channels-last' if summary['channels_last'] else ''})")
-    trained = time.perf_counter() - started
+    trained_seconds = time.perf_counter() - started
 
     untouched = OccFaceModel(ModelConfig(arch="mobilefacenet", feature_level="block3"))
     load_pretrained(untouched, args.pretrained)
@@ -204,25 +254,57 @@ def pretrained(args: argparse.Namespace) -> int:
               "full": OccFaceModel.from_pretrained(args.out / "full" / "model")}
     if args.runtime == "onnx":
         models = onnx_models(models, args.out)
-    datasets, conditions, issame, folds = lfw_conditions(args.data, args.held_out_occluders, args.seed)
-    if args.pairs:  # a quick look: the first pairs of every condition
-        conditions = {k: (p[: args.pairs], t[: args.pairs]) for k, (p, t) in conditions.items()}
-        issame, folds = issame[: args.pairs], None
-    table, raw, speed = {}, {}, {}
-    sizes = [len(d) for d in datasets]
+    full_config = load_config(args.out / "full" / "config.yaml")
+    trained = trained_kinds(full_config.data.occlusion_kinds, full_config.data.occluders is not None)
+    conditions = args.conditions.split(",") if args.conditions else (
+        ["clean", "niqab", "mask"] + (["procedural niqab", "procedural mask"] if args.held_out_occluders else []))
+    unknown = [c for c in conditions if c != "clean" and c not in OCCLUDERS]
+    if unknown:
+        raise SystemExit(f"--conditions: unknown {unknown}; expected clean or some of {sorted(OCCLUDERS)}")
+    pair_set, base = lfw_base(args.data, args.pairs)  # --pairs: a quick look at the first pairs
+    issame, folds = pair_set.issame, pair_set.folds
+    table, raw, speed, labels = {}, {}, {}, []
+    import hashlib
+
+    sha = file_sha256(args.pretrained)[:16]
+    images_key = hashlib.sha256("\n".join(map(str, pair_set.images)).encode()).hexdigest()[:12]
     for name, model in models.items():
-        tick = time.perf_counter()
+        tick, faces = time.perf_counter(), 0
         sources = ("embedding", "qaconv", "qaconv_weighted", "fused") if name == "full" else ("embedding",)
-        features = None  # the previous model's, freed before this one's are extracted
-        features = concat_features((extract_features(model, d, 64, precision=precision, progress=True,
-                                                     keep_maps=name == "full") for d in datasets), sizes)
-        speed[name] = sum(sizes) / (time.perf_counter() - tick)
-        metrics, scores = score_conditions(model, features, conditions, issame, folds, sources)
+        keep = name == "full"
+
+        def extract(condition: str, model=model, keep=keep) -> Features:
+            dataset = occluder_dataset(args.data, base, condition, args.seed)
+            return extract_features(model, dataset, 64, precision=precision, progress=True, keep_maps=keep)
+
+        def features_of(condition: str, name=name) -> Features:
+            if name != "untouched":
+                return extract(condition)
+            key = (f"untouched-{sha}-{args.runtime}-{condition.replace(' ', '_').replace('/', '-')}-seed{args.seed}"
+                   f"-{len(base)}images-{images_key}")
+            return cached_features(args.feature_cache, key, lambda: extract(condition))
+
+        clean = features_of("clean")
+        faces += len(base)
         for condition in conditions:
-            for source in sources:
-                label = source if name == "full" else f"{name} embedding"
-                table.setdefault(label, {})[condition] = metrics[condition][source]
-                raw.setdefault(condition, {})[label] = scores[condition][source]
+            occluded = condition != "clean"
+            features = clean
+            if occluded:
+                features = concat_features([clean, features_of(condition)], [len(base), len(base)])
+                faces += len(base)
+            clean_pairs = pair_sets(pair_set, False)[""][0] if occluded else None
+            for suffix, (pairs, types) in pair_sets(pair_set, occluded).items():
+                where = "trained" if condition in trained else "held out"
+                label = condition if not occluded else f"{condition}{suffix} ({where})"
+                if label not in labels:
+                    labels.append(label)
+                metrics, scores = score_condition(model, features, pairs, types, clean_pairs, issame, folds, sources)
+                for source in sources:
+                    row = source if name == "full" else f"{name} embedding"
+                    table.setdefault(row, {})[label] = metrics[source]
+                    raw.setdefault(label, {})[row] = scores[source]
+            del features
+        speed[name] = faces / (time.perf_counter() - tick)
     comparisons = {}
     pairs_of = (("fused", "baseline embedding"), ("qaconv_weighted", "qaconv"), ("fused", "qaconv_weighted"),
                 ("baseline embedding", "untouched embedding"))
@@ -231,12 +313,12 @@ def pretrained(args: argparse.Namespace) -> int:
         comparisons[condition] = {k: v["all"] for k, v in compare_sources(scores, issame, types, pairs_of).items()}
     result = {"seed": args.seed, "precision": describe_precision(precision),
               "runtime": "ONNX Runtime, fp32 (teacher, evaluation)" if args.runtime == "onnx" else "PyTorch",
-              "training": summaries, "training_seconds": trained,
+              "training": summaries, "training_seconds": trained_seconds, "trained_occluders": sorted(trained),
               "evaluation_faces_per_second": speed, "accuracy": table, "comparisons": comparisons,
               "total_seconds": time.perf_counter() - started, "peak_rss_gib": peak_rss_gib()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pretrained.json").write_text(json.dumps(result, indent=2, default=float))
-    print_tables(table, comparisons, list(conditions))
+    print_tables(table, comparisons, labels)
     print("\nevaluation faces/s (two passes each, the image and its mirror): "
           + ", ".join(f"{k} {v:.0f}" for k, v in speed.items()))
     print(f"total {result['total_seconds']:.0f} s, peak resident memory {result['peak_rss_gib']:.1f} GiB; "
@@ -292,6 +374,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/niqab_lfw"))
     parser.add_argument("--pretrained", type=Path, default=None, help="pretrained MobileFaceNet weights")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="pretrained mode: the fine-tuning config (default: configs/finetune_mobilefacenet.yaml)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                         help="training and evaluation precision in pretrained mode (auto: bf16 where it measures faster)")
@@ -299,6 +383,12 @@ def main() -> int:
                         help="pretrained mode: where the frozen teacher (training) and the networks (evaluation) "
                              "run; onnx: ONNX Runtime, fp32, needs occface[onnx]")
     parser.add_argument("--held-out-occluders", action="store_true", help="also the procedural niqab and mask")
+    parser.add_argument("--conditions", default=None,
+                        help="pretrained mode: comma-separated occluders to evaluate (clean, niqab, mask, procedural "
+                             "niqab, procedural mask, veil, facemask, veil/SUB); each is labelled trained or held out "
+                             "by the full model's config (default: clean,niqab,mask [+ the procedural two])")
+    parser.add_argument("--feature-cache", type=Path, default=None,
+                        help="pretrained mode: keep the untouched network's LFW features here between runs")
     parser.add_argument("--pairs", type=int, default=None, help="evaluate only the first N pairs (a quick look)")
     parser.add_argument("--reuse-trained", action="store_true", help="skip training a model (full, baseline) already in --out")
     parser.add_argument("--recalibrate", action="store_true",

@@ -5,6 +5,7 @@ import torch
 from occface.config import ConfigError, load_config
 from occface.data import ProceduralFaceDataset, ProceduralFaces
 from occface.data.errors import DataError
+from occface.data.images import to_tensor
 from occface.data.synth import OcclusionSynthesizer, SynthesizeOcclusion
 from occface.data.transforms import Compose, adaface_augmentation
 from occface.demo import default_config_path
@@ -48,6 +49,13 @@ def test_the_cached_teacher_gives_the_targets_of_the_live_one():
         views += view.tolist()
     assert set(views) == {0, 1}  # the flip drew both views
     assert cache.embedding.shape == (12, 2, 512) and cache.feature_map.dtype == torch.float16
+    # Class centres from the cache: each identity's mean embedding of its first images, as stored.
+    centres = cache.class_means(cached.targets, per_class=2)
+    labels = torch.tensor(cached.targets)
+    with torch.inference_mode():
+        stored = network(torch.stack([to_tensor(cached.read(i).image) for i in range(len(cached))])).embedding
+    expected = torch.stack([stored[(labels == c).nonzero()[:2, 0]].mean(0) for c in range(3)])
+    torch.testing.assert_close(centres, torch.nn.functional.normalize(expected, dim=1), atol=1e-5, rtol=1e-5)
 
 
 def test_a_cache_refuses_faces_changed_beyond_mirroring():
@@ -64,6 +72,7 @@ def test_a_cache_refuses_faces_changed_beyond_mirroring():
 def test_finetuning_with_cached_targets_trains_as_with_the_live_teacher(tmp_path):
     saved_mobilefacenet(tmp_path / "mfn.pt")
     common = [*FINETUNE, f"model.pretrained={tmp_path / 'mfn.pt'}", "model.freeze_backbone_steps=0",
+              "loss.head_init=random",  # class centres from the cache are the teacher's unflipped embeddings
               "data.crop=0", "data.low_res=0", "data.photometric=0", "train.max_steps=3", "train.precision=32-true"]
     runs = {}
     for name, cached in (("live", "false"), ("cached", "true")):

@@ -65,6 +65,21 @@ class TeacherCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.embedding, self.feature_map) if t is not None)
 
+    def class_means(self, targets: list[int], per_class: int = 8) -> torch.Tensor:
+        """[C, E]: each identity's mean cached embedding (as stored, the first ``per_class`` images of
+        it), normalised: where the teacher puts each identity, for a margin head's class centres."""
+        labels = torch.as_tensor(targets)
+        classes = int(labels.max()) + 1
+        sums = torch.zeros(classes, self.embedding.shape[-1])
+        counts = torch.zeros(classes)
+        for index, label in enumerate(targets):
+            if label >= 0 and counts[label] < per_class:
+                sums[label] += self.embedding[index, 0]
+                counts[label] += 1
+        if (counts == 0).any():
+            raise ValueError(f"{int((counts == 0).sum())} identities have no image to start their class centre from")
+        return torch.nn.functional.normalize(sums, dim=1)
+
     def targets(self, index: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(embedding [B, E] fp32, feature map [B, C, H, W] fp32 or None) of the faces ``index`` [B]
         seen as ``view`` [B] (0 as stored, 1 mirrored)."""

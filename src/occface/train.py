@@ -333,9 +333,12 @@ class Trainer:
         if config.model.train_from:
             self.module.freeze_backbone_before(config.model.train_from)
         if config.loss.head_init == "class_means" and not self.resume:
-            precision = "bf16" if self.precision.startswith("bf16") else "fp32"
-            self.module.margin_head.init_centres(class_mean_embeddings(model, dataset, config.loss.head_init_images,
-                                                                       precision=precision))
+            if self.cache is not None:  # the teacher is the pretrained network: its cached embeddings
+                centres = self.cache.class_means(dataset.targets, config.loss.head_init_images)
+            else:
+                precision = "bf16" if self.precision.startswith("bf16") else "fp32"
+                centres = class_mean_embeddings(model, dataset, config.loss.head_init_images, precision=precision)
+            self.module.margin_head.init_centres(centres)
         groups = parameter_groups(self.module, config)
         if config.optim.name == "sgd":
             self.optimizer = torch.optim.SGD(groups, lr=config.optim.lr, momentum=config.optim.momentum)
