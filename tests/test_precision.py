@@ -49,6 +49,23 @@ def test_auto_picks_what_measures_faster_on_a_native_cpu(monkeypatch, fp32_secon
     assert "work: bf16 " in precision.describe_precision("auto")
 
 
+def test_a_measurement_is_kept_for_the_machine_and_read_by_later_processes(monkeypatch, tmp_path):
+    monkeypatch.setattr(precision, "cpu_bf16_support", lambda: (True, "CPU flags avx512_bf16"))
+    monkeypatch.setenv("OCCFACE_HOME", str(tmp_path))
+    slow, fast = (lambda: time.sleep(0.02)), (lambda: time.sleep(0.005))
+    assert precision.resolve_precision("auto", key=("network", 64), fp32_run=slow, bf16_run=fast) == "bf16"
+    stored = (tmp_path / "precision.json").read_text()
+    assert precision.machine_id() in stored and "('network', 64)" in stored
+    # A new process (no measurements in memory) reads it instead of measuring again ...
+    monkeypatch.setattr(precision, "_measured", {})
+    never = lambda: pytest.fail("measured again although the machine's result is kept")  # noqa: E731
+    assert precision.resolve_precision("auto", key=("network", 64), fp32_run=never, bf16_run=never) == "bf16"
+    # ... unless asked to measure anew.
+    monkeypatch.setattr(precision, "_measured", {})
+    monkeypatch.setenv("OCCFACE_PRECISION_REMEASURE", "1")
+    assert precision.resolve_precision("auto", key=("network", 64), fp32_run=fast, bf16_run=slow) == "fp32"
+
+
 def test_environment_overrides_auto(monkeypatch):
     monkeypatch.setenv("OCCFACE_PRECISION", "fp32")
     monkeypatch.setattr(precision, "cpu_bf16_support", lambda: (True, "CPU flags avx512_bf16"))

@@ -7,7 +7,7 @@ from occface.galleries.search import fusion_for_search
 from occface.match import match
 from occface.models import OccFaceModel
 from occface.scoring import pair_kind
-from occface.search_calibration import fit_search_calibration, rank_one
+from occface.training.search_calibration import fit_search_calibration, rank_one
 
 from test_gallery import people, tiny_model  # noqa: F401 - the fixture
 

@@ -10,7 +10,7 @@ from occface.data.synth import OcclusionSynthesizer, SynthesizeOcclusion
 from occface.data.transforms import Compose, adaface_augmentation
 from occface.demo import default_config_path
 from occface.models import ModelConfig, OccFaceModel
-from occface.teacher_cache import TeacherCache
+from occface.training.teacher_cache import TeacherCache
 from occface.train import Trainer, build_data
 
 from test_pretrained_start import FINETUNE, perturbed, saved_mobilefacenet

@@ -77,7 +77,7 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, width):
 def test_outputs_of_a_run(tmp_path, monkeypatch):
     # A tiny run's sources barely separate anything, and the chosen weight would be the 0.5 the
     # validation used to fuse with anyway; a lopsided choice shows which weight the validation uses.
-    monkeypatch.setattr("occface.train.choose_fusion_weights", lambda *args, **kwargs: {"all": 0.9})
+    monkeypatch.setattr("occface.training.calibration.choose_fusion_weights", lambda *args, **kwargs: {"all": 0.9})
     trainer = Trainer(tiny_config(tmp_path, "train.max_steps=2"))
     summary = trainer.fit()
     assert summary["steps"] == 2 and summary["validation"]["fused"]["all"]["pairs"] == 24
@@ -86,7 +86,10 @@ def test_outputs_of_a_run(tmp_path, monkeypatch):
     assert any((tmp_path / "tensorboard").iterdir())
     model = OccFaceModel.from_pretrained(tmp_path / "model")
     assert set(model.config.calibration) == {"embedding", "qaconv", "qaconv_weighted", "fused", "normalization",
-                                             "fusion_weight"}
+                                             "fusion_weight", "precision", "search"}
+    search = model.config.calibration["search"]  # the re-rank fitted on searches of the validation people
+    assert set(search) >= {"normalization", "fusion_weight", "threshold", "fpir", "validation"}
+    assert model.config.calibration["precision"] == "fp32"
     images = torch.randn(2, 3, 112, 112)
     with torch.no_grad():
         out = model(images)
@@ -140,8 +143,8 @@ def test_non_finite_losses_skip_the_update_then_stop_the_run(tmp_path, monkeypat
     original = MultiTaskModule.forward
     calls = {"n": 0}
 
-    def sometimes_nan(self, images, labels, masks, clean=None):
-        terms = original(self, images, labels, masks, clean)
+    def sometimes_nan(self, images, labels, masks, clean=None, targets=None):
+        terms = original(self, images, labels, masks, clean, targets)
         calls["n"] += 1
         if calls["n"] == 2 or calls["n"] >= 4:
             terms["qaconv"] = terms["qaconv"] * float("nan")
@@ -159,8 +162,8 @@ def test_a_skipped_step_leaves_the_weights_alone(tmp_path, monkeypatch):
     trainer = Trainer(tiny_config(tmp_path, "train.max_steps=1"))
     original = MultiTaskModule.forward
 
-    def nan_once(self, images, labels, masks, clean=None):
-        terms = original(self, images, labels, masks, clean)
+    def nan_once(self, images, labels, masks, clean=None, targets=None):
+        terms = original(self, images, labels, masks, clean, targets)
         terms["adaface"] = torch.full_like(terms["adaface"], float("inf"))
         return terms
 

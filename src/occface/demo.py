@@ -13,11 +13,11 @@ from importlib import resources
 from pathlib import Path
 
 from .config import load_config
-from .evaluate import OcclusionPairs, evaluate_occlusion_pairs
+from .evaluation.run import OcclusionPairs, evaluate_occlusion_pairs
 from .models.occface import OccFaceModel
-from .reports import comparison_table, summary_table, write_report
+from .evaluation.reports import comparison_table, summary_table, write_report
 from .scoring import calibrated_fusion_weight, describe_fusion_weight
-from .train import Trainer, build_data
+from .training.loop import Trainer, build_data
 
 log = logging.getLogger(__name__)
 

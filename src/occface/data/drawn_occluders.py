@@ -103,6 +103,8 @@ class DrawnOccluders:
         self.jitter = jitter or Jitter()
 
     def render(self, kind: str, size: int, rng: np.random.Generator, jitter: Jitter | None = None) -> tuple[np.ndarray, str]:
+        """(premultiplied RGBA layer [size, size, 4] in [0, 1], its name) for one draw of ``kind``, placed
+        by ``jitter`` (default: this generator's) on a face aligned to the 112 template scaled to ``size``."""
         family, _, sub = kind.partition("/")
         if family not in FAMILIES or (sub and sub not in FAMILIES[family]):
             raise DataError(f"unknown drawn occluder {kind!r}; expected one of {list(DRAWN_KINDS)}")

@@ -26,7 +26,7 @@ from ..data.images import file_sha256
 from ..data.verification import ImageListDataset
 from ..errors import InputError
 from ..models.occface import WEIGHTS_FILE
-from ..onnx_model import FaceModel, load_face_model
+from ..runtimes.onnx_model import FaceModel, load_face_model
 from ..photos import FaceReader
 from ..scoring import Features, extract_features, predicted_occluded
 from .search import SearchIndex, SearchResult, search_features
@@ -142,6 +142,7 @@ class Gallery:
         return dict(sorted(counts.items()))
 
     def stats(self) -> dict:
+        """Faces, identities, shards, bytes on disk, the model it was built with, the index kind."""
         size = sum(f.stat().st_size for f in (self.path / "shards").rglob("*") if f.is_file())
         return {"faces": len(self), "identities": len(self.identities()), "shards": len(self.manifest["shards"]),
                 "bytes_on_disk": size, "model": self.manifest["model"], "version": self.manifest["version"],

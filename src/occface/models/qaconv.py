@@ -125,7 +125,8 @@ class QAConv(nn.Module):
 
     Args:
         num_features: channels C of the feature maps.
-        height, width: spatial size H, W of the feature maps (7x7 at block 4, 14x14 at block 3).
+        height: rows H of the feature maps (7 at block 4, 14 at block 3).
+        width: columns W of the feature maps.
     """
 
     def __init__(self, num_features: int, height: int, width: int) -> None:
@@ -144,6 +145,7 @@ class QAConv(nn.Module):
         return self.height * self.width
 
     def reset_running_stats(self) -> None:
+        """Forget the BatchNorm running statistics (for re-use on another dataset)."""
         self.bn.reset_running_stats()
         self.logit_bn.reset_running_stats()
 
@@ -169,9 +171,11 @@ class QAConv(nn.Module):
         """Score every probe against every gallery face.
 
         Args:
-            probe: [P, C, H, W] feature maps.  gallery: [G, C, H, W] feature maps.
-            probe_occ / gallery_occ: [P or G, 1, H, W] visibility maps (1 = visible), clamped to
-                [0, 1]; ``None`` means fully visible.
+            probe: [P, C, H, W] feature maps.
+            gallery: [G, C, H, W] feature maps.
+            probe_occ: [P, 1, H, W] visibility maps (1 = visible), clamped to [0, 1]; ``None`` means
+                fully visible.
+            gallery_occ: [G, 1, H, W] visibility maps, as ``probe_occ``.
         Returns:
             [P, G] logits (higher = more likely the same identity).
         """

@@ -124,7 +124,8 @@ class FaceAligner:
         landmarks: ``"auto"`` (Face Mesh + Iris where their files are found, else YuNet's points
             with a warning), ``"mesh"`` (the files are required), ``"yunet"`` (YuNet's points), or
             a :class:`LandmarkRefiner`.
-        face_mesh, iris: explicit paths of the landmark files.
+        face_mesh: an explicit path of the Face Mesh file (``face_landmark.tflite``).
+        iris: an explicit path of the Iris file (``iris_landmark.tflite``).
     """
 
     def __init__(self, detector: FaceDetector | str | Path | None = None, size: int = 112, min_face: int = 0,

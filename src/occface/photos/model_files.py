@@ -39,6 +39,7 @@ class ModelFile:
     env: str
 
     def how_to_get(self) -> str:
+        """One sentence: where the file comes from and how to install it."""
         return f"get {self.name} from {self.source}, then `occface models install DIR`"
 
 

@@ -33,7 +33,7 @@ from ..galleries import Entry, Gallery
 from ..galleries.gallery import features_of
 from ..match import match
 from ..models.occface import WEIGHTS_FILE
-from ..onnx_model import load_face_model
+from ..runtimes.onnx_model import load_face_model
 from ..photos import AlignedFace, FaceAligner
 from ..scoring import HIDDEN_BELOW, HIDDEN_SHARE, calibrated_fused, cpu_matcher, describe_fusion_weight, pair_kind
 from ..scoring import predicted_occluded
@@ -69,9 +69,12 @@ class FaceService:
         gallery: a gallery folder (made on first use, for this model); None: no enrolment or search.
         db: a SQLAlchemy URL (default: SQLite in the gallery's folder).
         precision: ``fp32`` (the default: decisions as calibrated) or ``bf16``.
-        runtime, onnx: the network in PyTorch or in ONNX Runtime (``occface export``).
-        landmarks, detector: how photos are aligned (:class:`occface.photos.FaceAligner`).
-        limits: per-request limits; workers: requests computing at once.
+        runtime: the network in ``torch`` or in ONNX Runtime (``onnx``, the graph ``occface export`` wrote).
+        onnx: the graph for ``runtime="onnx"`` (default: ``model_dir/model.onnx``).
+        landmarks: how photos are aligned (:class:`occface.photos.FaceAligner`'s ``landmarks``).
+        detector: the YuNet file (default: as :mod:`occface.photos.model_files` finds it).
+        limits: per-request limits (:class:`occface.service.images.Limits`).
+        workers: requests computing at once (the rest wait up to their deadline).
     """
 
     def __init__(self, model_dir: str | Path, gallery: str | Path | None = None, db: str | None = None,
@@ -141,6 +144,7 @@ class FaceService:
         return _Slot()
 
     def deadline(self) -> Deadline:
+        """A request's deadline: ``limits.request_timeout`` seconds from now."""
         return Deadline(self.limits.request_timeout)
 
     # ------------------------------------------------------------ faces
@@ -347,6 +351,7 @@ class FaceService:
                 "face": face, "gallery_faces": len(gallery), "precision": self.precision}
 
     def subjects(self, limit: int = 100, offset: int = 0) -> dict:
+        """A page of the enrolled subjects (id, enrolment time, face count) and their total."""
         self._need_gallery()
         if not 1 <= limit <= 1000 or offset < 0:
             raise unprocessable("bad_page", "limit must be 1-1000 and offset 0 or more", "limit")
@@ -354,6 +359,7 @@ class FaceService:
         return {"total": total, "limit": limit, "offset": offset, "subjects": page}
 
     def subject(self, subject: str) -> dict:
+        """One subject and each of its faces' record (source, sha256, time, model, what the model saw)."""
         self._need_gallery()
         found = self.db.subject(check_subject(subject))
         if found is None:
@@ -361,6 +367,7 @@ class FaceService:
         return found
 
     def delete_subject(self, subject: str, deadline: Deadline | None = None) -> dict:
+        """Remove a subject and every face of theirs, from the shards and then the database."""
         gallery = self._need_gallery()
         subject = check_subject(subject)
         deadline = deadline or self.deadline()
@@ -374,6 +381,7 @@ class FaceService:
         return {"subject": subject, "removed_faces": len(removed)}
 
     def info(self) -> dict:
+        """The model, its calibration, precision and runtime, the limits, the gallery and database."""
         config, calibration = self.model.config, self.model.config.calibration
         info = {"model": {"path": str(self.model_dir), "arch": config.arch, "feature_level": config.feature_level,
                           "input_size": config.input_size, "weights_sha256": self.model_sha256},

@@ -31,6 +31,7 @@ class Limits:
     request_timeout: float = 30.0
 
     def as_dict(self) -> dict:
+        """The limits with their units in the keys (bytes, pixels, faces, seconds)."""
         return {"max_upload_bytes": self.max_upload_bytes, "max_pixels": self.max_pixels,
                 "max_faces": self.max_faces, "request_timeout_s": self.request_timeout}
 

@@ -26,7 +26,7 @@ import logging
 
 import numpy as np
 
-from .scoring import (Features, choose_fusion_weights, cpu_matcher, describe_fusion_weight, fuse, matcher_dtype,
+from ..scoring import (Features, choose_fusion_weights, cpu_matcher, describe_fusion_weight, fuse, matcher_dtype,
                       pair_kind, predicted_occluded)
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,8 @@ def calibrate_search(model, holdout, synthesizer, seed: int = 0, precision: str 
                      fpir: float = 0.01) -> dict | None:
     """Fit the search calibration on a model's validation people (``holdout``: an identity dataset
     of people never trained on; ``synthesizer``: training's occluders). None without two people."""
-    from .evaluate import VariantDataset
-    from .scoring import extract_features
+    from ..evaluation.run import VariantDataset
+    from ..scoring import extract_features
 
     labels = np.asarray(holdout.targets)
     if len(np.unique(labels[labels >= 0])) < 2:

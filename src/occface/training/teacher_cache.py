@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from .data.datasets import FaceDataset
-from .data.images import resize_image, to_tensor
+from ..data.datasets import FaceDataset
+from ..data.images import resize_image, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class TeacherCache:
         count = len(dataset)
         starts = range(0, count, batch_size)
         if progress:
-            from .progress import progress_bar
+            from ..progress import progress_bar
 
             starts = progress_bar(starts, desc="teacher", unit="batch")
         for start in starts:
