@@ -310,17 +310,24 @@ class Gallery:
                 self._index = SearchIndex.build(arrays, EXACT_UP_TO, IVF_PROBES)
             return self._index
 
+    def _read(self, indices: np.ndarray, key: str) -> list[np.ndarray]:
+        """Row ``key`` ("embeddings", "maps" or "visibility") of each global row, from the shards."""
+        arrays = self._load_arrays()
+        starts = np.cumsum([0] + [shard["count"] for shard in self.manifest["shards"]])
+        shards = np.searchsorted(starts, indices, side="right") - 1
+        return [arrays[int(shard)][key].row(int(row) - starts[shard]) for row, shard in zip(indices, shards)]
+
     def rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[Entry]]:
         """Feature maps [K, C, H, W] and visibility [K, 1, H, W] (float32) and entries of global rows."""
         with self._guard:
-            arrays, entries = self._load_arrays(), self.entries()
-            starts = np.cumsum([0] + [shard["count"] for shard in self.manifest["shards"]])
-            maps, visibility = [], []
-            for row in indices:
-                shard = int(np.searchsorted(starts, row, side="right") - 1)
-                maps.append(arrays[shard]["maps"].row(row - starts[shard]))
-                visibility.append(arrays[shard]["visibility"].row(row - starts[shard]))
-            return np.asarray(maps, np.float32), np.asarray(visibility, np.float32), [entries[i] for i in indices]
+            entries = self.entries()
+            return (np.asarray(self._read(indices, "maps"), np.float32),
+                    np.asarray(self._read(indices, "visibility"), np.float32), [entries[i] for i in indices])
+
+    def embeddings(self, indices: np.ndarray) -> np.ndarray:
+        """Embeddings [K, E] (float32, unit norm) of global rows, read from the shards."""
+        with self._guard:
+            return np.asarray(self._read(indices, "embeddings"), np.float32).reshape(len(indices), -1)
 
     def search(self, queries: list[str | Path | np.ndarray], top: int = 10, shortlist: int = 100,
                reader: FaceReader | None = None, precision: str = "fp32") -> list[SearchResult]:

@@ -97,7 +97,7 @@ def search_features(gallery, probe: Features, names: list[str], top: int = 10, s
     entries = gallery.entries()
     if only is not None:
         rows = np.array([i for i, e in enumerate(entries) if e.identity in only], dtype=np.int64)
-        embeddings = _embeddings(gallery, rows)
+        embeddings = gallery.embeddings(rows)
         similarities = probe.embedding.numpy() @ embeddings.T if len(rows) else np.zeros((len(names), 0))
         neighbours = np.broadcast_to(rows, similarities.shape)
     else:
@@ -136,14 +136,3 @@ def search_features(gallery, probe: Features, names: list[str], top: int = 10, s
         results.append(SearchResult(name, candidates, decision, ranked_by, threshold if ranked_by == "fused" else None,
                                     which if ranked_by == "fused" else "none"))
     return results
-
-
-def _embeddings(gallery, rows: np.ndarray) -> np.ndarray:
-    """Embeddings [K, E] of global rows, read from the shards."""
-    arrays = gallery._load_arrays()
-    starts = np.cumsum([0] + [shard["count"] for shard in gallery.manifest["shards"]])
-    out = []
-    for row in rows:
-        shard = int(np.searchsorted(starts, row, side="right") - 1)
-        out.append(arrays[shard]["embeddings"].row(row - starts[shard]))
-    return np.asarray(out, np.float32).reshape(len(rows), -1)

@@ -245,12 +245,10 @@ class FaceService:
             raise not_found("unknown_subject", f"subject {subject!r} is not enrolled", "subject")
         probe = features_of([crop], self.model, self.precision)
         maps, visibility, entries = gallery.rows(rows)
-        from ..galleries.search import _embeddings
-
         qaconv = cpu_matcher(self.model)
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         maps_t, visibility_t = torch.from_numpy(maps), torch.from_numpy(visibility)
-        scores = {"embedding": (probe.embedding.numpy() @ _embeddings(gallery, rows).T)[0].astype(np.float64),
+        scores = {"embedding": (probe.embedding.numpy() @ gallery.embeddings(rows).T)[0].astype(np.float64),
                   "qaconv": qaconv.score_all(probe.feature_map, maps_t, dtype=dtype)[0].numpy(),
                   "qaconv_weighted": qaconv.score_all(probe.feature_map, maps_t, probe.occlusion, visibility_t,
                                                       dtype=dtype)[0].numpy()}
