@@ -77,6 +77,8 @@ def test_the_operations_over_http(client, service):
         response = enrol(client, subject, seed)
         assert response.status_code == 201 and not response.json()["duplicate"]
     assert enrol(client, "ann", 11).json()["duplicate"]  # the same file again: once
+    as_base64 = client.post("/v1/subjects/ann/faces", json={"image": base64.b64encode(face_png(11)).decode()})
+    assert as_base64.json()["duplicate"]  # however it is sent
     listed = client.get("/v1/subjects").json()
     assert listed["total"] == 2 and [(s["id"], s["faces"]) for s in listed["subjects"]] == [("ann", 2), ("bob", 1)]
     ann = client.get("/v1/subjects/ann").json()

@@ -29,7 +29,7 @@ from .. import __version__
 from ..errors import InputError
 from .core import FaceService
 from .errors import ServiceError, bad_request
-from .images import decode_base64, decode_image
+from .images import base64_bytes, decode_image
 
 log = logging.getLogger("occface.service")
 PAGE = Path(__file__).with_name("page")
@@ -96,8 +96,8 @@ class Payload:
             data = self.files[name]
             return decode_image(data, name, limits), data
         if name in self.fields and self.fields[name] not in (None, ""):
-            value = self.fields[name]
-            return decode_base64(value, name, limits), None
+            data = base64_bytes(self.fields[name], name, limits)  # the same file's sha256 as if uploaded
+            return decode_image(data, name, limits), data
         raise ServiceError(422, "missing_field", f"{name}: missing (an image upload, or base64 in JSON)", name)
 
     def flag(self, name: str, request: Request) -> bool:

@@ -70,8 +70,8 @@ def decode_image(data: bytes, field: str, limits: Limits) -> np.ndarray:
     return image
 
 
-def decode_base64(text: str, field: str, limits: Limits) -> np.ndarray:
-    """:func:`decode_image` of a base64 string (a ``data:image/...;base64,`` prefix is allowed)."""
+def base64_bytes(text: str, field: str, limits: Limits) -> bytes:
+    """The bytes of a base64 string (a ``data:image/...;base64,`` prefix is allowed), within the upload limit."""
     if not isinstance(text, str):
         raise unprocessable("not_base64", f"{field}: expected a base64 string", field)
     if text.startswith("data:"):
@@ -80,10 +80,14 @@ def decode_base64(text: str, field: str, limits: Limits) -> np.ndarray:
         raise too_large("upload_too_large", f"{field}: {len(text):,} base64 characters, above the limit of "
                                             f"{limits.max_upload_bytes:,} bytes", field)
     try:
-        data = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True)
     except ValueError as error:
         raise unprocessable("not_base64", f"{field}: not valid base64 ({error})", field) from error
-    return decode_image(data, field, limits)
+
+
+def decode_base64(text: str, field: str, limits: Limits) -> np.ndarray:
+    """:func:`decode_image` of a base64 string."""
+    return decode_image(base64_bytes(text, field, limits), field, limits)
 
 
 def png_base64(image: np.ndarray) -> str:
@@ -109,4 +113,4 @@ def _reason(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-__all__ = ["Limits", "ServiceError", "decode_base64", "decode_image", "png_base64", "visibility_overlay"]
+__all__ = ["Limits", "ServiceError", "base64_bytes", "decode_base64", "decode_image", "png_base64", "visibility_overlay"]
