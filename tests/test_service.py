@@ -269,3 +269,17 @@ def test_the_cli_and_the_service_share_one_gallery(tmp_path, model_dir, capsys):
     assert main(["search", str(people / "bob" / "0.png"), "--model", str(model_dir), "--gallery", str(gallery),
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["decision"] == "bob"
+
+
+def test_two_workers_on_one_gallery_see_each_others_writes(tmp_path, model_dir):
+    # `occface serve --workers 2` runs two processes, each with its own FaceService on the gallery.
+    first, second = (FaceService(model_dir, gallery=tmp_path / "gallery") for _ in range(2))
+    face = np.asarray(Image.open(io.BytesIO(face_png(3))))
+    first.enroll("ann", face)
+    assert second.search(face, top=1)["decision"] == "ann"
+    assert second.verify(face, subject="ann")["compared_faces"] == 1
+    second.enroll("bob", np.asarray(Image.open(io.BytesIO(face_png(4)))))
+    assert first.subjects()["total"] == 2 and len(first.gallery) == 1  # rows at once, shards on next use
+    assert first.search(face, top=2)["gallery_faces"] == 2
+    second.delete_subject("ann")
+    assert first.search(face, top=2)["candidates"][0]["subject"] == "bob"

@@ -240,6 +240,7 @@ class FaceService:
     def _verify_subject(self, crop: np.ndarray, alignment: AlignedFace | None, subject: str, overlay: bool,
                         deadline: Deadline) -> dict:
         gallery = self._need_gallery()
+        gallery.refresh()  # another worker process may have enrolled since
         rows = np.array([i for i, e in enumerate(gallery.entries()) if e.identity == subject], dtype=np.int64)
         if not len(rows):
             raise not_found("unknown_subject", f"subject {subject!r} is not enrolled", "subject")
@@ -333,6 +334,7 @@ class FaceService:
             [alignment] = self._found(image, "image", all_faces=False)[:1]
             crop = image if alignment is None else alignment.image
             probe = features_of([crop], self.model, self.precision)
+            gallery.refresh()  # another worker process may have enrolled since
             if len(gallery) == 0:
                 results = None
             else:
