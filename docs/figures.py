@@ -4,7 +4,7 @@ data set is needed, and none is shown).
     python docs/figures.py --model occface-demo/run/model      # after `occface demo --out occface-demo`
 
 writes ``docs/images/occluders.jpg`` (a grid of drawn niqabs and masks, one family a row) and
-``docs/images/overview.png`` (a face in a drawn niqab beside a clean face of the same identity, each
+``docs/images/overview.png`` (a face in the demo's procedural niqab beside a clean face of the same identity, each
 with the visibility map the model predicts, and their strongest visible-to-visible correspondences).
 """
 from __future__ import annotations
@@ -44,8 +44,8 @@ def overview(model_dir: Path, out: Path, seed: int = 5) -> Path:
 
     model = OccFaceModel.from_pretrained(model_dir).eval()
     faces = ProceduralFaces(60, 16, seed=0)  # the demo's identities; the last 20 were held out of training
-    identity = 55
-    veiled = OcclusionSynthesizer([], ["veil/slit"])(faces.render(identity, 3), np.random.default_rng(seed))[0]
+    identity = 40  # the first held-out identity
+    veiled = OcclusionSynthesizer([], ["niqab"])(faces.render(identity, 3), np.random.default_rng(seed))[0]
     result = match(model, veiled, faces.render(identity, 7), top=10, precision="fp32")
     return draw_match(veiled, faces.render(identity, 7), result, out)
 
