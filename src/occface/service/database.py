@@ -20,7 +20,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Boolean, Float, ForeignKey, String, create_engine, delete, event, func, select
+from sqlalchemy import Boolean, Float, ForeignKey, String, create_engine, delete, event, func, insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -110,15 +110,22 @@ class Database:
 
     # ------------------------------------------------------------ faces and subjects
     def add_faces(self, entries: list[Entry], model_sha256: str) -> None:
-        """Rows for faces just committed to the gallery, and their subjects where new; one transaction."""
+        """Rows for faces just committed to the gallery, and their subjects where new; one transaction.
+        Linear in the faces, inserted in bulk (a 100k-face gallery's rows in seconds)."""
+        first: dict[str, str] = {}
+        for e in entries:  # each new subject's earliest enrolment
+            when = e.enrolled_at or now_utc()
+            first[e.identity] = min(first.get(e.identity, when), when)
+        subjects = sorted(first)
         with self.session() as session, session.begin():
-            subjects = {e.identity for e in entries}
-            known = set(session.scalars(select(Subject.id).where(Subject.id.in_(subjects))))
-            for subject in sorted(subjects - known):
-                first = min(e.enrolled_at for e in entries if e.identity == subject) or now_utc()
-                session.add(Subject(id=subject, created_at=first))
-            session.flush()  # the subjects before the faces that refer to them
-            session.add_all(_face_row(e, model_sha256) for e in entries)
+            known: set[str] = set()
+            for start in range(0, len(subjects), 500):
+                known.update(session.scalars(select(Subject.id).where(Subject.id.in_(subjects[start:start + 500]))))
+            new = [{"id": s, "created_at": first[s]} for s in subjects if s not in known]
+            if new:  # the subjects before the faces that refer to them
+                session.execute(insert(Subject), new)
+            if entries:
+                session.execute(insert(Face), [_face_row(e, model_sha256) for e in entries])
 
     def remove_faces(self, face_ids: list[str]) -> None:
         """Delete the rows of faces removed from the gallery, and subjects left without faces."""
@@ -220,10 +227,10 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def _face_row(entry: Entry, model_sha256: str) -> Face:
-    return Face(face_id=entry.face_id, subject_id=entry.identity, source=entry.source[:1024], sha256=entry.sha256,
-                enrolled_at=entry.enrolled_at or now_utc(), model_sha256=model_sha256, occluded=bool(entry.occluded),
-                visible=float(entry.visible), landmarks=entry.landmarks or "")
+def _face_row(entry: Entry, model_sha256: str) -> dict:
+    return {"face_id": entry.face_id, "subject_id": entry.identity, "source": entry.source[:1024],
+            "sha256": entry.sha256, "enrolled_at": entry.enrolled_at or now_utc(), "model_sha256": model_sha256,
+            "occluded": bool(entry.occluded), "visible": float(entry.visible), "landmarks": entry.landmarks or ""}
 
 
 def _face_dict(face: Face) -> dict:
