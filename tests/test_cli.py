@@ -265,7 +265,7 @@ def test_a_failure_of_occface_itself_exits_1(bad, workspace, monkeypatch, capsys
     def broken(*args, **kwargs):
         raise IndexError("too many indices for array")
 
-    monkeypatch.setattr("occface.match.match", broken)
+    monkeypatch.setattr("occface.service.core.match", broken)  # match goes through FaceService
     assert main(_match(bad, workspace, "face")) == 1
     err = capsys.readouterr().err
     assert err.startswith("occface match: internal error: IndexError: too many indices") and "--debug" in err

@@ -178,41 +178,44 @@ def align(args: argparse.Namespace) -> int:
 
 
 def match(args: argparse.Namespace) -> int:
+    from .match import draw_match
     from .photos import FaceReader
-    from .match import draw_match, match
-    from .runtimes.onnx_model import load_face_model
+    from .service import FaceService
 
-    model = load_face_model(args.model, args.runtime, args.onnx)
-    reader = FaceReader(model.config.input_size, args.faces, args.detector, args.min_face, landmarks=args.landmarks)
+    service = FaceService(args.model, precision=decision_precision(args), runtime=args.runtime, onnx=args.onnx,
+                          landmarks=args.landmarks, detector=args.detector)
+    reader = FaceReader(service.model.config.input_size, args.faces, args.detector, args.min_face,
+                        landmarks=args.landmarks)
     (first, first_alignment), (second, second_alignment) = reader.read(args.first), reader.read(args.second)
     for path, alignment in ((args.first, first_alignment), (args.second, second_alignment)):
         if alignment is None:
             print(f"{path}: taken as an aligned face")
         else:
             print(f"{path}: face detected ({alignment.describe()})")
-    result = match(model, first, second, precision=args.precision)
+    result = service.verify_faces(first, second, (first_alignment, second_alignment), correspondences=True)
+    calibration = service.model.config.calibration
     for source, score in result["scores"].items():
-        calibration = result["calibration"].get(source)
         verdict = ""
-        if isinstance(calibration, dict):
-            same = result["decisions"][source]
-            verdict = f"  {'same' if same else 'different'} (threshold {calibration['threshold']:.3f} at FAR {calibration['far']:g})"
+        if source in result["decisions"]:
+            verdict = (f"  {'same' if result['decisions'][source] else 'different'} (threshold "
+                       f"{calibration[source]['threshold']:.3f} at FAR {calibration[source]['far']:g})")
         print(f"{source:<16} {score:8.3f}{verdict}")
-    first_visible, second_visible = (float(v.mean()) for v in result["visibility"])
-    print(f"visibility       {first_visible:.2f} / {second_visible:.2f} (mean of each map); pair type seen: {result['pair_type']}")
-    for path, alignment, occluded in zip((args.first, args.second), (first_alignment, second_alignment), result["occluded"]):
-        if alignment is not None and occluded and alignment.landmark_source == "yunet":
+    faces = result["faces"]
+    print(f"visibility       {faces[0]['visibility']['mean']:.2f} / {faces[1]['visibility']['mean']:.2f} (mean of "
+          f"each map); pair type seen: {result['stratum']['pair_type']}")
+    for path, alignment, face in zip((args.first, args.second), (first_alignment, second_alignment), faces):
+        if alignment is not None and face["occlusion"] == "occluded" and alignment.landmark_source == "yunet":
             print(f"note: {path}: the face found in this photo is partly hidden and was aligned on YuNet's points, "
                   "which put a niqab's eyes too close together (niqab faces then match near chance): install the "
                   "landmark networks (`occface models`) or weigh these scores with care")
-    primary = "fused" if "fused" in result["decisions"] else "embedding"
-    if primary in result["decisions"]:
-        print(f"decision ({primary}): {'SAME person' if result['decisions'][primary] else 'DIFFERENT people'}")
+    if result["decision"] is not None:
+        same = result["decision"]["same"]
+        print(f"decision ({result['decision']['source']}): {'SAME person' if same else 'DIFFERENT people'}")
     name = f"match_{Path(args.first).stem}_{Path(args.second).stem}.png"
     out = Path(args.out) if args.out else Path(name)  # never into the folder of the faces themselves
     if args.out and (out.is_dir() or not out.suffix):  # a folder: the picture inside it
         out = out / name
-    print(f"picture: {draw_match(first, second, result, out)}")
+    print(f"picture: {draw_match(first, second, result['match'], out)}")
     return 0
 
 

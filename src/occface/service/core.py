@@ -169,24 +169,26 @@ class FaceService:
         return {"hidden_below": normalization.get("hidden_below", HIDDEN_BELOW),
                 "hidden_share": normalization.get("hidden_share", HIDDEN_SHARE)}
 
-    def _visibility(self, occlusion: torch.Tensor) -> dict:
-        """What the model saw of one face: its map [1, h, w], the share hidden and the verdict."""
+    def _visibility(self, occlusion: torch.Tensor, occluded: bool | None = None) -> dict:
+        """What the model saw of one face: its map [1, h, w], the share hidden and the verdict
+        (``occluded``: the verdict already reached for it, by the same rule)."""
         rule = self._rule()
         visible = occlusion[0].numpy()
         hidden = float((visible < rule["hidden_below"]).mean())
-        occluded = hidden >= rule["hidden_share"]
+        if occluded is None:
+            occluded = bool(predicted_occluded(occlusion[None], rule)[0])
         return {"map": np.round(visible, 3).tolist(), "mean": round(float(visible.mean()), 4),
                 "hidden_share": round(hidden, 4), "occluded": bool(occluded),
                 "rule": f"occluded when at least {rule['hidden_share']:.0%} of the map is below {rule['hidden_below']:g}"}
 
     def _report(self, crop: np.ndarray, alignment: AlignedFace | None, occlusion: torch.Tensor,
-                embedding: torch.Tensor | None, overlay: bool) -> dict:
+                embedding: torch.Tensor | None, overlay: bool, occluded: bool | None = None) -> dict:
         report: dict = {"aligned_input": alignment is None}
         if alignment is not None:
             report.update(box=[round(float(v), 1) for v in alignment.box], score=round(alignment.score, 4),
                           landmarks=np.round(alignment.landmarks, 2).tolist(),
                           landmark_source=alignment.landmark_source, points_used=alignment.points_used)
-        visibility = self._visibility(occlusion)
+        visibility = self._visibility(occlusion, occluded)
         report["visibility"] = visibility
         report["occlusion"] = "occluded" if visibility["occluded"] else "clean"
         if embedding is not None:
@@ -232,10 +234,28 @@ class FaceService:
                 return self._verify_subject(crop_a, a, subject, overlay, deadline)
             [b] = self._found(second, "second", all_faces=False)[:1]
             crop_b = second if b is None else b.image
-            result = match(self.model, crop_a, crop_b, precision=self.precision)
+            return self._compare(crop_a, crop_b, (a, b), overlay, correspondences=False)
+
+    def verify_faces(self, first: np.ndarray, second: np.ndarray,
+                     alignments: tuple[AlignedFace | None, AlignedFace | None] = (None, None),
+                     overlay: bool = False, correspondences: bool = False, deadline: Deadline | None = None) -> dict:
+        """:meth:`verify` for two faces already found: aligned crops [size, size, 3] RGB uint8 with the
+        alignment each came from (None: given aligned), as :class:`occface.photos.FaceReader` reads
+        them (``occface match``). ``correspondences``: also the raw result of
+        :func:`occface.match.match` under ``"match"`` (visibility maps, strongest location pairs; not
+        JSON), for :func:`occface.match.draw_match`."""
+        with self.slot(deadline or self.deadline()):
+            return self._compare(first, second, alignments, overlay, correspondences)
+
+    def _compare(self, crop_a: np.ndarray, crop_b: np.ndarray, alignments, overlay: bool, correspondences: bool) -> dict:
+        result = match(self.model, crop_a, crop_b, precision=self.precision)
         occlusion = [torch.from_numpy(v)[None] for v in result["visibility"]]
-        faces = [self._report(c, al, o, None, overlay) for c, al, o in zip((crop_a, crop_b), (a, b), occlusion)]
-        return self._decision(result["scores"], result["pair_type"], faces, None)
+        faces = [self._report(c, al, o, None, overlay, hidden)  # the verdicts that chose the pair type
+                 for c, al, o, hidden in zip((crop_a, crop_b), alignments, occlusion, result["occluded"])]
+        answer = self._decision(result["scores"], result["pair_type"], faces, None)
+        if correspondences:
+            answer["match"] = result
+        return answer
 
     def _verify_subject(self, crop: np.ndarray, alignment: AlignedFace | None, subject: str, overlay: bool,
                         deadline: Deadline) -> dict:
