@@ -103,3 +103,33 @@ def test_a_model_calibrated_for_search_scores_pairs_as_before(tmp_path, people):
     for candidate in result.candidates:  # ranked by the search fusion: the embedding's z-score
         assert candidate.scores["fused"] == pytest.approx((candidate.scores["embedding"] - 0.1) / 0.5, abs=1e-5)
     assert result.decision == "cid"  # itself, at z = 1.8 above the threshold
+
+
+def test_a_clean_probe_is_ranked_as_its_embedding_ranks_whatever_the_gallery_faces_look_like(tmp_path, people,  # noqa: F811
+                                                                                          monkeypatch):
+    """With the embedding alone for clean probes, a clean probe's candidates come in the embedding's
+    order even where the model sees some gallery faces as occluded: every candidate of one probe is
+    fused with the probe's stratum, so none is scored on another stratum's scale."""
+    import occface.galleries.search as search
+
+    model, _ = tiny_model(tmp_path)
+    stats = {"all": [0.0, 1.0], "clean-clean": [0.0, 1.0], "occluded-clean": [-5.0, 0.01]}  # another scale entirely
+    model.config.calibration = {"search": {
+        "normalization": {"hidden_below": 0.2, "hidden_share": 0.25, "embedding": stats, "qaconv": stats,
+                          "qaconv_weighted": stats},
+        "fusion_weight": {"all": {"embedding": 1.0}, "clean-clean": {"embedding": 1.0, "qaconv": 0.0, "qaconv_weighted": 0.0},
+                          "occluded-clean": {"embedding": 0.5, "qaconv": 0.5, "qaconv_weighted": 0.0}},
+        "threshold": None}}
+    model_dir = model.save_pretrained(tmp_path / "search_calibrated")
+    gallery = Gallery.create(tmp_path / "g", model, model_dir)
+    gallery.enroll(enrollment_items([people]))
+    # The probe (one map) is clean; of several maps (gallery faces), every other one is occluded.
+    monkeypatch.setattr(search, "predicted_occluded",
+                        lambda occlusion, rule=None: np.arange(len(occlusion)) % 2 == 1 if len(occlusion) > 1
+                        else np.zeros(len(occlusion), bool))
+    [result] = gallery.search([people / "dee" / "1.png"], top=4, shortlist=12)
+    assert result.ranked_by == "fused" and result.calibration == "search"
+    embeddings = [c.scores["embedding"] for c in result.candidates]
+    assert embeddings == sorted(embeddings, reverse=True)
+    for candidate in result.candidates:
+        assert candidate.scores["fused"] == pytest.approx(candidate.scores["embedding"], abs=1e-5)

@@ -112,6 +112,23 @@ def test_outputs_of_a_run(tmp_path, monkeypatch):
         assert torch.equal(again.state_dict()[key], value), key
 
 
+def test_a_run_without_qaconv_is_decided_by_its_embedding_alone(tmp_path):
+    """An embedding-only fine-tune (QAConv's pair loss at 0) leaves QAConv and the occlusion head as
+    initialised: its saved model fuses nothing, so `match`, verification and search use the embedding."""
+    from occface.galleries.search import fusion_for_search
+    from occface.match import match
+
+    trainer = Trainer(tiny_config(tmp_path, "train.max_steps=1", "loss.qaconv_weight=0", "loss.occlusion_weight=0"))
+    trainer.fit()
+    model = OccFaceModel.from_pretrained(tmp_path / "model")
+    assert set(model.config.calibration) == {"embedding", "precision"}
+    assert fusion_for_search(model.config.calibration)[3] == "none"
+    faces = np.random.default_rng(0).integers(0, 255, (2, 112, 112, 3), dtype=np.uint8)
+    result = match(model, faces[0], faces[1], precision="fp32")
+    assert "fused" not in result["scores"] and set(result["decisions"]) == {"embedding"}
+    assert set(recalibrate(tmp_path)) == {"embedding", "precision"}
+
+
 def test_calibrated_strata_rule_is_stored_and_used(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, "train.max_steps=1", "train.calibrate_strata=true"))
     trainer.fit()

@@ -6,7 +6,11 @@ Index: exact inner product (``IndexFlatIP``) up to a million faces; above, an in
 ranked by their best face. The fusion and the open-set threshold are the model's search
 calibration where it has one (fitted on shortlist-like candidates of validation searches:
 :mod:`occface.search_calibration`), else its pair calibration; a model with neither is ranked by
-the embedding. The answer is ``unknown`` when the best score is below the threshold.
+the embedding. All of a probe's candidates are fused alike, with the statistics and shares of the
+probe's own stratum (clean or occluded) against a clean enrolment, as the search calibration is
+fitted: fused with each pair's own stratum, a candidate the model sees as occluded would be scored
+on another scale than its neighbours (on LFW that cost clean probes 0.1 point of rank-1 against the
+embedding alone). The answer is ``unknown`` when the best score is below the threshold.
 """
 from __future__ import annotations
 
@@ -118,9 +122,9 @@ def search_features(gallery, probe: Features, names: list[str], top: int = 10, s
             weighted = qaconv.score_all(probe.feature_map[q:q + 1], maps_t, probe.occlusion[q:q + 1], visibility_t,
                                         dtype=dtype)[0].numpy()
             scores = {"embedding": embedding, "qaconv": plain, "qaconv_weighted": weighted}
-            if normalization:
-                strata = pair_kind(predicted_occluded(probe.occlusion[q:q + 1], normalization),
-                                   predicted_occluded(visibility_t, normalization))
+            if normalization:  # one stratum for all of a probe's candidates: its own against a clean enrolment
+                probe_hidden = predicted_occluded(probe.occlusion[q:q + 1], normalization)
+                strata = np.broadcast_to(pair_kind(probe_hidden, np.zeros(1, bool)), embedding.shape)
                 scores["fused"] = fuse(scores, normalization, weight, strata)
             key = scores[ranked_by]
             best: dict[str, Candidate] = {}

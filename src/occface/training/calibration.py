@@ -43,13 +43,24 @@ def calibrate_on(model: OccFaceModel, validation: OcclusionPairs, config: Config
                  device: str | torch.device = "cpu") -> tuple[dict, dict]:
     """Score ``model`` on the validation pairs and return (its calibration, :func:`calibrate`, with
     the strata rule and fusion choices of ``config.train``; the metrics of every source, the fused
-    one scored as the saved model will fuse: with the rule and the weights chosen on these pairs)."""
+    one scored as the saved model will fuse: with the rule and the weights chosen on these pairs).
+    A run that does not train QAConv (:func:`trains_qaconv`) gets the embedding's threshold alone."""
     metrics, scores, features = evaluate_occlusion_pairs(model, validation, device=device, precision="fp32")
+    if not trains_qaconv(config):  # QAConv and the occlusion head never learned: only the embedding decides
+        values = scores["embedding"]
+        return {"embedding": {"far": 0.01, "threshold": threshold_at_far(values, validation.issame, 0.01)}}, metrics
     rule = choose_strata_rule(features.occlusion, features.occluded.numpy()) if config.train.calibrate_strata else None
     strata = pair_strata(features, validation.pairs, rule)
     calibration, fused = calibrate(scores, validation.issame, strata, config.train.calibrate_fusion, rule=rule)
     metrics["fused"] = evaluate_pairs({"fused": fused}, validation.issame, validation.types, validation.folds)["fused"]
     return calibration, metrics
+
+
+def trains_qaconv(config: Config) -> bool:
+    """Whether a run trains QAConv (its pair loss has a weight): a run without (an embedding-only
+    fine-tune) is calibrated and searched by its embedding alone, as its QAConv and occlusion head
+    are the untrained initialisation."""
+    return config.loss.qaconv_weight > 0
 
 
 def recalibrate(run_dir: str | Path) -> dict:
@@ -63,7 +74,8 @@ def recalibrate(run_dir: str | Path) -> dict:
         raise ConfigError(f"{run_dir / 'config.yaml'}: the run has no validation identities to calibrate on")
     model = OccFaceModel.from_pretrained(run_dir / "model")
     model.config.calibration, _ = calibrate_on(model, validation, config)
-    if config.train.calibrate_search:
+    model.config.calibration["precision"] = "fp32"  # calibrate_on scores in fp32
+    if config.train.calibrate_search and trains_qaconv(config):
         data = build_data(config)
         search = calibrate_search(model, data.holdout, data.synthesizer, seed=config.train.seed + 2)
         if search is not None:

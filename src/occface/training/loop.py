@@ -28,7 +28,7 @@ from ..evaluation.reports import visibility_grid
 from .search_calibration import calibrate_search
 from .teacher_cache import TeacherCache
 
-from .calibration import calibrate_on
+from .calibration import calibrate_on, trains_qaconv
 from .checkpoints import atomic_save, restore_state, training_state
 from .data import build_data
 from .devices import cpu_training_pays_bf16, training_memory_format
@@ -265,7 +265,7 @@ class Trainer:
                 for pair_type, values in by_type.items():
                     if values.get("accuracy") is not None:
                         self.writer.add_scalar(f"val_{source}/{pair_type}", values["accuracy"], self.step)
-            score = metrics["fused"]["all"]["accuracy"] or 0.0
+            score = metrics.get("fused", metrics["embedding"])["all"]["accuracy"] or 0.0
             if score > self.best:
                 self.best = score
                 atomic_save(self._state(), self.out_dir / "checkpoints" / "best.ckpt")
@@ -279,7 +279,7 @@ class Trainer:
         if metrics is not None:
             model.config.calibration = self._calibration
             model.config.calibration["precision"] = "fp32"
-            if self.config.train.calibrate_search and self.data.holdout is not None:
+            if self.config.train.calibrate_search and self.data.holdout is not None and trains_qaconv(self.config):
                 search = calibrate_search(model, self.data.holdout, self.data.synthesizer,
                                           seed=self.config.train.seed + 2, device=self.fabric.device)
                 if search is not None:

@@ -119,7 +119,7 @@ def calibrate_search(model, holdout, synthesizer, seed: int = 0, precision: str 
     probe_labels = np.concatenate([labels, labels])
     own = np.concatenate([np.arange(count), np.arange(count)])
     allowed = own[:, None] != np.arange(count)[None, :]
-    strata = pair_kind(predicted_occluded(probe.occlusion, rule or None)[:, None],
-                       predicted_occluded(gallery.occlusion, rule or None)[None, :])
+    probe_hidden = predicted_occluded(probe.occlusion, rule or None)  # the probe's stratum; the gallery is clean
+    strata = np.broadcast_to(pair_kind(probe_hidden, np.zeros_like(probe_hidden))[:, None], (len(probe_hidden), count))
     return fit_search_calibration(scores, probe_labels, labels, allowed, strata,
                                   rule or {"hidden_below": 0.2, "hidden_share": 0.25}, fpir=fpir)
