@@ -61,7 +61,12 @@ def test_the_open_set_threshold_is_met_by_the_chosen_share_of_non_mated_searches
     fused = fuse(scores, calibration["normalization"], calibration["fusion_weight"], strata)
     same = probes[:, None] == gallery[None, :]
     best_non_mated = np.where(allowed & ~same, fused, -np.inf).max(1)
-    assert abs((best_non_mated > calibration["threshold"]).mean() - 0.05) < 0.01
+    thresholds = calibration["threshold"]  # per stratum of the probe: their fused scores differ in scale
+    assert set(thresholds) == {"all", "clean-clean", "occluded-clean"}
+    assert abs((best_non_mated > thresholds["all"]).mean() - 0.05) < 0.01
+    for stratum in ("clean-clean", "occluded-clean"):
+        rows = strata[:, 0] == stratum
+        assert abs((best_non_mated[rows] > thresholds[stratum]).mean() - 0.05) < 0.01
 
 
 def test_clean_probes_keep_the_embedding_where_qaconv_adds_nothing():
@@ -105,11 +110,11 @@ def test_a_model_calibrated_for_search_scores_pairs_as_before(tmp_path, people):
     assert result.decision == "cid"  # itself, at z = 1.8 above the threshold
 
 
-def test_a_clean_probe_is_ranked_as_its_embedding_ranks_whatever_the_gallery_faces_look_like(tmp_path, people,  # noqa: F811
-                                                                                          monkeypatch):
+def test_a_clean_probe_is_ranked_and_thresholded_in_its_own_stratum(tmp_path, people, monkeypatch):  # noqa: F811
     """With the embedding alone for clean probes, a clean probe's candidates come in the embedding's
     order even where the model sees some gallery faces as occluded: every candidate of one probe is
-    fused with the probe's stratum, so none is scored on another stratum's scale."""
+    fused with the probe's stratum, so none is scored on another stratum's scale; the open-set
+    threshold is that stratum's too."""
     import occface.galleries.search as search
 
     model, _ = tiny_model(tmp_path)
@@ -119,7 +124,7 @@ def test_a_clean_probe_is_ranked_as_its_embedding_ranks_whatever_the_gallery_fac
                           "qaconv_weighted": stats},
         "fusion_weight": {"all": {"embedding": 1.0}, "clean-clean": {"embedding": 1.0, "qaconv": 0.0, "qaconv_weighted": 0.0},
                           "occluded-clean": {"embedding": 0.5, "qaconv": 0.5, "qaconv_weighted": 0.0}},
-        "threshold": None}}
+        "threshold": {"all": 50.0, "clean-clean": -50.0, "occluded-clean": 50.0}}}
     model_dir = model.save_pretrained(tmp_path / "search_calibrated")
     gallery = Gallery.create(tmp_path / "g", model, model_dir)
     gallery.enroll(enrollment_items([people]))
@@ -133,3 +138,5 @@ def test_a_clean_probe_is_ranked_as_its_embedding_ranks_whatever_the_gallery_fac
     assert embeddings == sorted(embeddings, reverse=True)
     for candidate in result.candidates:
         assert candidate.scores["fused"] == pytest.approx(candidate.scores["embedding"], abs=1e-5)
+    # The open-set threshold is the probe's stratum's, not one for scores of every scale.
+    assert result.threshold == -50.0 and result.decision == result.candidates[0].identity

@@ -10,7 +10,8 @@ the embedding. All of a probe's candidates are fused alike, with the statistics 
 probe's own stratum (clean or occluded) against a clean enrolment, as the search calibration is
 fitted: fused with each pair's own stratum, a candidate the model sees as occluded would be scored
 on another scale than its neighbours (on LFW that cost clean probes 0.1 point of rank-1 against the
-embedding alone). The answer is ``unknown`` when the best score is below the threshold.
+embedding alone). The answer is ``unknown`` when the best score is below the threshold (the search
+calibration's for the probe's stratum).
 """
 from __future__ import annotations
 
@@ -93,6 +94,14 @@ def fusion_for_search(calibration: dict) -> tuple[dict, object, float | None, st
     return normalization, calibration.get("fusion_weight", 0.5), threshold, "pairs"
 
 
+def stratum_threshold(threshold: float | dict | None, stratum: str) -> float | None:
+    """The open-set threshold for a probe of ``stratum``: a search calibration stores one per
+    stratum (``"all"`` for the others), a pair calibration one number."""
+    if isinstance(threshold, dict):
+        return threshold.get(stratum, threshold.get("all"))
+    return threshold
+
+
 def search_features(gallery, probe: Features, names: list[str], top: int = 10, shortlist: int = 100,
                     precision: str = "fp32", only: set[str] | None = None) -> list[SearchResult]:
     """Rank ``gallery``'s identities for probes already through its model (``Features`` of N faces);
@@ -111,6 +120,7 @@ def search_features(gallery, probe: Features, names: list[str], top: int = 10, s
     normalization, weight, threshold, which = fusion_for_search(model.config.calibration)
     results = []
     for q, name in enumerate(names):
+        stratum = "all"
         found = neighbours[q] >= 0
         rows, embedding = neighbours[q][found], similarities[q][found].astype(np.float64)
         candidates: list[Candidate] = []
@@ -124,8 +134,8 @@ def search_features(gallery, probe: Features, names: list[str], top: int = 10, s
             scores = {"embedding": embedding, "qaconv": plain, "qaconv_weighted": weighted}
             if normalization:  # one stratum for all of a probe's candidates: its own against a clean enrolment
                 probe_hidden = predicted_occluded(probe.occlusion[q:q + 1], normalization)
-                strata = np.broadcast_to(pair_kind(probe_hidden, np.zeros(1, bool)), embedding.shape)
-                scores["fused"] = fuse(scores, normalization, weight, strata)
+                stratum = str(pair_kind(probe_hidden, np.zeros(1, bool))[0])
+                scores["fused"] = fuse(scores, normalization, weight, np.full(embedding.shape, stratum))
             key = scores[ranked_by]
             best: dict[str, Candidate] = {}
             for i in np.argsort(-key, kind="stable"):
@@ -135,8 +145,9 @@ def search_features(gallery, probe: Features, names: list[str], top: int = 10, s
                                                      {k: float(v[i]) for k, v in scores.items()}, entry.face_id)
             candidates = list(best.values())[:top]
         decision = candidates[0].identity if candidates else "unknown"
-        if candidates and ranked_by == "fused" and threshold is not None and candidates[0].scores["fused"] < threshold:
+        applied = stratum_threshold(threshold, stratum) if ranked_by == "fused" else None
+        if applied is not None and candidates[0].scores["fused"] < applied:
             decision = "unknown"
-        results.append(SearchResult(name, candidates, decision, ranked_by, threshold if ranked_by == "fused" else None,
+        results.append(SearchResult(name, candidates, decision, ranked_by, applied,
                                     which if ranked_by == "fused" else "none"))
     return results

@@ -15,8 +15,9 @@ points of rank-1 against the embedding alone. Here, on the validation people:
 4. a stratum keeps the fusion only where it ranks the validation searches better than the embedding
    alone (rank-1, ties to the embedding), else the embedding alone: the re-rank never goes below
    the embedding on the searches it was fitted on, clean ones included;
-5. the open-set threshold is the fused score that a fraction ``fpir`` of non-mated searches (the
-   same searches without the probe's person) reaches at rank 1.
+5. the open-set threshold, per stratum of the probe (the strata's fused scores have scales of their
+   own), is the fused score that a fraction ``fpir`` of its non-mated searches (the same searches
+   without the probe's person) reaches at rank 1; ``"all"`` over every search, for other strata.
 
 The result is stored as ``calibration["search"]`` and used by :mod:`occface.galleries.search`.
 """
@@ -91,8 +92,14 @@ def fit_search_calibration(scores: dict[str, np.ndarray], probe_labels: np.ndarr
     final["all"] = {"embedding": 1.0, "qaconv": 0.0, "qaconv_weighted": 0.0}  # strata not validated: the embedding
     fused = fuse(scores, normalization, final, strata)
     non_mated_best = np.where(allowed & ~same, fused, -np.inf).max(1)
-    threshold = float(np.quantile(non_mated_best[np.isfinite(non_mated_best)], 1.0 - fpir))
-    log.info("search calibration: %s; threshold %.3f at FPIR %g", describe_fusion_weight(final), threshold, fpir)
+    finite = np.isfinite(non_mated_best)
+    threshold = {"all": float(np.quantile(non_mated_best[finite], 1.0 - fpir))}
+    for stratum in np.unique(probe_strata):  # each stratum's fused scores have their own scale
+        rows = finite & (probe_strata == stratum)
+        if rows.any():
+            threshold[str(stratum)] = float(np.quantile(non_mated_best[rows], 1.0 - fpir))
+    log.info("search calibration: %s; thresholds %s at FPIR %g", describe_fusion_weight(final),
+             ", ".join(f"{k} {v:.3f}" for k, v in threshold.items()), fpir)
     return {"normalization": normalization, "fusion_weight": final, "threshold": threshold, "fpir": fpir,
             "validation": report, "candidates": {"mated": mated, "non_mated": non_mated}}
 
