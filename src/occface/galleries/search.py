@@ -40,7 +40,7 @@ class SearchResult:
     candidates: list[Candidate]     # best first, one per identity
     decision: str                   # the best identity, or "unknown" below the model's threshold
     ranked_by: str                  # "fused" for a calibrated model, else "embedding"
-    threshold: float | None
+    threshold: float | None         # the open-set threshold applied (the probe's stratum's)
     calibration: str = "none"       # "search" (fitted for 1:N), "pairs" (fitted on pairs) or "none"
 
 
@@ -80,7 +80,7 @@ class SearchIndex:
         return self.index.ntotal
 
 
-def fusion_for_search(calibration: dict) -> tuple[dict, object, float | None, str]:
+def fusion_for_search(calibration: dict) -> tuple[dict, object, float | dict | None, str]:
     """(normalization, fusion shares, threshold, which calibration) a search fuses with: the
     model's ``search`` calibration where it has one, else its pair calibration."""
     search = calibration.get("search")
@@ -146,7 +146,7 @@ def search_features(gallery, probe: Features, names: list[str], top: int = 10, s
             candidates = list(best.values())[:top]
         decision = candidates[0].identity if candidates else "unknown"
         applied = stratum_threshold(threshold, stratum) if ranked_by == "fused" else None
-        if applied is not None and candidates[0].scores["fused"] < applied:
+        if candidates and applied is not None and candidates[0].scores["fused"] < applied:
             decision = "unknown"
         results.append(SearchResult(name, candidates, decision, ranked_by, applied,
                                     which if ranked_by == "fused" else "none"))
