@@ -283,3 +283,31 @@ def test_two_workers_on_one_gallery_see_each_others_writes(tmp_path, model_dir):
     assert first.search(face, top=2)["gallery_faces"] == 2
     second.delete_subject("ann")
     assert first.search(face, top=2)["candidates"][0]["subject"] == "bob"
+
+
+def test_verification_against_a_subject_fuses_as_a_calibrated_model_does(tmp_path):
+    """A model with a fusion calibration, a subject with one face and with two: the probe is scored
+    against each of the subject's faces and decided on the best fused score, which is the pair's own."""
+    from occface.match import match
+
+    model_dir = tiny_model(tmp_path / "model")
+    model = OccFaceModel.from_pretrained(model_dir)
+    stats = {"all": [0.0, 1.0]}
+    model.config.calibration = {
+        "normalization": {"hidden_below": 0.2, "hidden_share": 0.25, "embedding": stats, "qaconv": stats,
+                          "qaconv_weighted": stats},
+        "fusion_weight": {"all": {"embedding": 0.5, "qaconv": 0.5}},
+        "fused": {"far": 0.01, "threshold": 0.0}}
+    model.save_pretrained(model_dir)
+    service = FaceService(model_dir, gallery=tmp_path / "gallery")
+    faces = [np.asarray(Image.open(io.BytesIO(face_png(seed)))) for seed in (5, 6, 7)]
+    service.enroll("ann", faces[0])
+    one = service.verify(faces[2], subject="ann")
+    assert one["compared_faces"] == 1
+    assert one["scores"]["fused"] == pytest.approx(match(service.model, faces[2], faces[0], precision="fp32")["scores"]
+                                                   ["fused"], abs=1e-4)
+    service.enroll("ann", faces[1])
+    two = service.verify(faces[2], subject="ann")
+    best = max(match(service.model, faces[2], f, precision="fp32")["scores"]["fused"] for f in faces[:2])
+    assert two["compared_faces"] == 2 and two["scores"]["fused"] == pytest.approx(best, abs=1e-4)
+    assert two["decision"]["same"] == (best >= 0.0)

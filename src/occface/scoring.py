@@ -414,19 +414,30 @@ def choose_fusion_weights(scores: dict[str, np.ndarray], issame: np.ndarray, str
     return weights
 
 
+def source_scores(model: OccFaceModel, probe: Features, gallery_embedding: torch.Tensor, gallery_maps: torch.Tensor,
+                  gallery_occlusion: torch.Tensor, precision: str = "auto",
+                  progress: bool = False) -> dict[str, np.ndarray]:
+    """The three sources' scores of each probe against each gallery face -> {source: [P, G] float64}:
+    embedding cosine, plain and occlusion-weighted QAConv (the memory-bounded ``score_all``).
+    Gallery: embeddings [G, D], maps [G, C, H, W], visibility [G, 1, H, W]."""
+    qaconv = cpu_matcher(model)
+    dtype = matcher_dtype(qaconv, gallery_maps, precision)
+    scores = {
+        "embedding": probe.embedding @ gallery_embedding.T,
+        "qaconv": qaconv.score_all(probe.feature_map, gallery_maps, dtype=dtype, progress=progress),
+        "qaconv_weighted": qaconv.score_all(probe.feature_map, gallery_maps, probe.occlusion, gallery_occlusion,
+                                            dtype=dtype, progress=progress),
+    }
+    return {source: values.numpy().astype(np.float64) for source, values in scores.items()}
+
+
 def score_matrix(model: OccFaceModel, probe: Features, gallery: Features, fusion_weight: FusionWeight = 0.5,
                  precision: str = "auto", progress: bool = False) -> dict[str, np.ndarray]:
     """Every source's scores of each probe against each gallery face -> {source: [P, G]}. QAConv
     scores come from the memory-bounded ``score_all``; ``fused`` normalises per visibility stratum
     over these scores (the model's stored rule decides the strata)."""
-    qaconv = cpu_matcher(model)
-    dtype = matcher_dtype(qaconv, gallery.feature_map, precision)
-    matrices = {
-        "embedding": (probe.embedding @ gallery.embedding.T).numpy(),
-        "qaconv": qaconv.score_all(probe.feature_map, gallery.feature_map, dtype=dtype, progress=progress).numpy(),
-        "qaconv_weighted": qaconv.score_all(probe.feature_map, gallery.feature_map, probe.occlusion, gallery.occlusion,
-                                            dtype=dtype, progress=progress).numpy(),
-    }
+    matrices = source_scores(model, probe, gallery.embedding, gallery.feature_map, gallery.occlusion, precision,
+                             progress)
     rule = strata_rule(model)
     strata = pair_kind(predicted_occluded(probe.occlusion, rule)[:, None],
                        predicted_occluded(gallery.occlusion, rule)[None, :])

@@ -196,8 +196,6 @@ def create_app(service: FaceService) -> FastAPI:
         first, _ = payload.image("first")
         subject = payload.text("subject")
         second = None if subject is not None and not payload.has("second") else payload.image("second")[0]
-        if subject is not None and second is not None:
-            raise ServiceError(422, "verify_needs_two", "verify takes second or subject, not both", "subject")
         return await run_in_threadpool(service.verify, first, second, subject, payload.flag("overlay", request))
 
     @app.post("/v1/subjects/{subject}/faces", status_code=201, summary="Enrol the largest face of a photo",

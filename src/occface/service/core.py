@@ -35,8 +35,8 @@ from ..match import match
 from ..models.occface import WEIGHTS_FILE
 from ..runtimes.onnx_model import load_face_model
 from ..photos import AlignedFace, FaceAligner
-from ..scoring import HIDDEN_BELOW, HIDDEN_SHARE, calibrated_fused, cpu_matcher, describe_fusion_weight, pair_kind
-from ..scoring import predicted_occluded
+from ..scoring import HIDDEN_BELOW, HIDDEN_SHARE, calibrated_fused, describe_fusion_weight, pair_kind
+from ..scoring import predicted_occluded, source_scores
 from .database import Database, database_url
 from .errors import ServiceError, not_found, unprocessable
 from .images import Limits, png_base64, visibility_overlay
@@ -266,16 +266,13 @@ class FaceService:
             raise not_found("unknown_subject", f"subject {subject!r} is not enrolled", "subject")
         probe = features_of([crop], self.model, self.precision)
         maps, visibility, entries = gallery.rows(rows)
-        qaconv = cpu_matcher(self.model)
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         maps_t, visibility_t = torch.from_numpy(maps), torch.from_numpy(visibility)
-        scores = {"embedding": (probe.embedding.numpy() @ gallery.embeddings(rows).T)[0].astype(np.float64),
-                  "qaconv": qaconv.score_all(probe.feature_map, maps_t, dtype=dtype)[0].numpy(),
-                  "qaconv_weighted": qaconv.score_all(probe.feature_map, maps_t, probe.occlusion, visibility_t,
-                                                      dtype=dtype)[0].numpy()}
+        embeddings = torch.from_numpy(gallery.embeddings(rows))
+        scores = {k: v[0] for k, v in source_scores(self.model, probe, embeddings, maps_t, visibility_t,
+                                                    self.precision).items()}
         fused = calibrated_fused(self.model, scores, probe.occlusion, visibility_t)
-        if fused is not None:
-            scores["fused"] = fused[0]
+        if fused is not None:  # [G]: the probe against each of the subject's faces
+            scores["fused"] = fused
         key = scores.get("fused", scores["embedding"])
         best = int(np.argmax(key))
         rule = self.model.config.calibration.get("normalization") or None

@@ -27,21 +27,10 @@ import logging
 
 import numpy as np
 
-from ..scoring import (Features, choose_fusion_weights, cpu_matcher, describe_fusion_weight, fuse, matcher_dtype,
-                      pair_kind, predicted_occluded)
+from ..scoring import choose_fusion_weights, describe_fusion_weight, fuse, pair_kind, predicted_occluded, source_scores
 
 log = logging.getLogger(__name__)
 SOURCES = ("embedding", "qaconv", "qaconv_weighted")
-
-
-def score_matrices(model, probe: Features, gallery: Features, precision: str = "fp32") -> dict[str, np.ndarray]:
-    """Every source's scores [P, G] of probes against gallery faces."""
-    qaconv = cpu_matcher(model)
-    dtype = matcher_dtype(qaconv, gallery.feature_map, precision)
-    return {"embedding": (probe.embedding @ gallery.embedding.T).numpy().astype(np.float64),
-            "qaconv": qaconv.score_all(probe.feature_map, gallery.feature_map, dtype=dtype).numpy().astype(np.float64),
-            "qaconv_weighted": qaconv.score_all(probe.feature_map, gallery.feature_map, probe.occlusion,
-                                                gallery.occlusion, dtype=dtype).numpy().astype(np.float64)}
 
 
 def rank_one(scores: np.ndarray, probe_labels: np.ndarray, gallery_labels: np.ndarray, allowed: np.ndarray) -> np.ndarray:
@@ -120,7 +109,7 @@ def calibrate_search(model, holdout, synthesizer, seed: int = 0, precision: str 
                                synthesizer, seed)
     gallery = extract_features(model, gallery_set, device=device, precision=precision)
     probe = extract_features(model, probe_set, device=device, precision=precision)
-    scores = score_matrices(model, probe, gallery, precision)
+    scores = source_scores(model, probe, gallery.embedding, gallery.feature_map, gallery.occlusion, precision)
     normalization = model.config.calibration.get("normalization") or {}
     rule = {k: normalization[k] for k in ("hidden_below", "hidden_share") if k in normalization}
     probe_labels = np.concatenate([labels, labels])
